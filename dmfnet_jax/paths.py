@@ -1,0 +1,36 @@
+"""Where the shared data lives.
+
+Tests and benchmarks find the Harvard data, the parity vectors and the metric test
+vectors through one setting: the environment variable `DMFNET_SHARED`, defaulting
+to `../shared` beside the repository checkout.
+"""
+
+import os
+import pathlib
+
+SHARED_ENV_VAR = "DMFNET_SHARED"
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def shared_root() -> pathlib.Path:
+  """The folder holding SPEC.md, parity/, metrics/ and data/."""
+  env = os.environ.get(SHARED_ENV_VAR)
+  if env:
+    return pathlib.Path(env).expanduser().resolve()
+  return (REPO_ROOT.parent / "shared").resolve()
+
+
+def harvard_root() -> pathlib.Path:
+  return shared_root() / "data" / "harvard"
+
+
+def dmfnet_outputs_root() -> pathlib.Path:
+  return shared_root() / "data" / "dmfnet_outputs"
+
+
+def parity_root() -> pathlib.Path:
+  return shared_root() / "parity"
+
+
+def metrics_vectors_root() -> pathlib.Path:
+  return shared_root() / "metrics"
