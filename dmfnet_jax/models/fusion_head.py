@@ -1,0 +1,370 @@
+"""Stage II fusion head of DM-FNet (SPEC.md §2), NHWC.
+
+The head fuses the frozen Stage I UNet's decoder features of two sources (MRI
+first, the other modality second), taken at several noise levels, into one
+image in [-1, 1]. Per level, coarse to fine:
+
+1. timestep aggregation: the source's features at every timestep, concatenated
+   over channels, go through Conv1x1 -> ReLU -> Conv3x3 -> ReLU (one set of
+   weights serves both sources);
+2. DEA-Net style cross-modal attention gives a per-pixel weight `w` and
+   `fea = w*a + (1-w)*b + a + b`;
+3. multi-scale decoding adds the upsampled outputs of the previous one or two
+   levels before a Conv1x1 -> ReLU -> Conv3x3 -> ReLU block.
+
+An output block (Conv3x3 -> LeakyReLU(0.2) -> Conv3x3 -> tanh) makes the image.
+
+Parameter names mirror the reference module tree so that `head_params_from_torch`
+is a plain renaming: level `i` holds `aggregate` (reference `decoder.<2i>`) and
+`attention`, `block`, `block1` (reference `decoder.<2i+1>.att|block|block1`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmfnet_jax.errors import CheckpointError, ConfigError
+
+_KERNEL_INIT = nn.initializers.orthogonal(scale=1.0)
+_BIAS_INIT = nn.initializers.zeros_init()
+# Channel reduction of the channel-attention bottleneck (DEA-Net).
+CHANNEL_REDUCTION = 8
+OUTPUT_HIDDEN_CHANNELS = 64
+
+
+def _cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
+  """Reads a key from a ConfigDict, a dict or an object with attributes."""
+  if cfg is None:
+    return default
+  if isinstance(cfg, Mapping):
+    return cfg.get(name, default)
+  try:
+    return cfg[name]
+  except (KeyError, TypeError, AttributeError):
+    return getattr(cfg, name, default)
+
+
+def decoder_feature_channels(model_cfg: Any) -> list[int]:
+  """Channels of each UNet decoder feature, in the reference's reversed order.
+
+  The reversed list starts with the last full-resolution up block, so index
+  `j` belongs to level `j // (res_blocks + 1)` of width `inner * mult[level]`.
+  """
+  inner = int(_cfg_get(model_cfg, "inner_channel", 128))
+  mults = tuple(_cfg_get(model_cfg, "channel_mults", (1, 1, 1, 1, 2)))
+  res_blocks = int(_cfg_get(model_cfg, "res_blocks", 2))
+  return [inner * int(m) for m in mults for _ in range(res_blocks + 1)]
+
+
+def level_dims(model_cfg: Any, feat_scales: Sequence[int]) -> list[int]:
+  """Channels per head level, coarse to fine (`feat_scales` sorted descending)."""
+  channels = decoder_feature_channels(model_cfg)
+  dims = []
+  for scale in sorted(feat_scales, reverse=True):
+    if not 0 <= scale < len(channels):
+      raise ConfigError(
+          f"fusion.feat_scales: decoder feature index {scale} is out of range "
+          f"0..{len(channels) - 1} for this model config")
+    dims.append(channels[scale])
+  return dims
+
+
+def upsample2x_bilinear_align_corners(x: jnp.ndarray) -> jnp.ndarray:
+  """Bilinear x2 with align_corners=True on (..., H, W, C).
+
+  Output pixel `o` of size `2n` samples input coordinate `o*(n-1)/(2n-1)`, as
+  PyTorch's `F.interpolate(..., align_corners=True)`; `jax.image.resize` uses
+  half-pixel centres instead, so it is written out here.
+  """
+
+  def along(x, axis):
+    n = x.shape[axis]
+    scale = np.float32((n - 1) / (2 * n - 1)) if n > 1 else np.float32(0.0)
+    coord = np.arange(2 * n, dtype=np.float32) * scale
+    lo = np.minimum(np.floor(coord).astype(np.int32), n - 1)
+    hi = np.minimum(lo + 1, n - 1)
+    frac = (coord - lo).astype(np.float32)
+    shape = [1] * x.ndim
+    shape[axis] = 2 * n
+    frac = jnp.asarray(frac, x.dtype).reshape(shape)
+    x_lo = jnp.take(x, lo, axis=axis)
+    x_hi = jnp.take(x, hi, axis=axis)
+    return x_lo * (1 - frac) + x_hi * frac
+
+  return along(along(x, x.ndim - 3), x.ndim - 2)
+
+
+def _reflect_pad(x: jnp.ndarray, pad: int) -> jnp.ndarray:
+  """Reflect padding of H and W (PyTorch `padding_mode='reflect'`)."""
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+
+
+class _Conv(nn.Module):
+  """Conv with the head's init; `reflect` pads H, W by reflection first."""
+  features: int
+  kernel: int
+  groups: int = 1
+  reflect: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    pad = self.kernel // 2
+    if self.reflect and pad:
+      x = _reflect_pad(x, pad)
+      padding = "VALID"
+    else:
+      padding = ((pad, pad), (pad, pad))
+    return nn.Conv(
+        self.features, (self.kernel, self.kernel), padding=padding,
+        feature_group_count=self.groups, kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT,
+        dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
+
+
+class _ConvBlock(nn.Module):
+  """Conv1x1(-> out) -> ReLU -> Conv3x3(out -> out) -> ReLU (reference `Block`)."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(_Conv(self.features, 1, dtype=self.dtype, name="conv0")(x))
+    return nn.relu(_Conv(self.features, 3, dtype=self.dtype, name="conv2")(x))
+
+
+class CrossModalAttention(nn.Module):
+  """DEA-Net content-guided attention on `s = a + b`; returns `w` in (0, 1)."""
+  dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, s):
+    # Channel attention: global average pool -> 1x1 bottleneck.
+    pooled = jnp.mean(s, axis=(1, 2), keepdims=True)
+    ca = nn.relu(_Conv(self.dim // CHANNEL_REDUCTION, 1, dtype=self.dtype, name="ca0")(pooled))
+    ca = _Conv(self.dim, 1, dtype=self.dtype, name="ca2")(ca)
+    # Spatial attention: [mean, max] over channels -> 7x7 reflect-padded conv.
+    stats = jnp.concatenate(
+        [jnp.mean(s, axis=-1, keepdims=True), jnp.max(s, axis=-1, keepdims=True)], axis=-1)
+    sa = _Conv(1, 7, reflect=True, dtype=self.dtype, name="sa")(stats)
+    p1 = ca + sa
+    # Pixel attention: channels interleaved [s_0, p1_0, s_1, p1_1, ...], grouped conv.
+    pair = jnp.stack([s, jnp.broadcast_to(p1, s.shape)], axis=-1)
+    pair = pair.reshape(s.shape[:-1] + (2 * self.dim,))
+    logits = _Conv(self.dim, 3, groups=self.dim, reflect=True, dtype=self.dtype, name="pa")(pair)
+    return s * jax.nn.sigmoid(logits)
+
+
+class FusionHead(nn.Module):
+  """The Stage II fusion head.
+
+  Attributes:
+    dims: channels per level, coarse to fine (see `level_dims`).
+    num_timesteps: how many noise levels each source's features come at.
+    skip_aggregation_for_single_timestep: reference quirk, on by default: with a
+      single timestep the aggregation block is bypassed (its weights still exist,
+      so checkpoints keep their keys).
+    dtype: compute dtype; parameters stay float32.
+
+  The output layer takes `dims[-1]` channels. The reference hard-codes 128,
+  which equals `dims[-1]` exactly when `inner_channel * channel_mults[0] == 128`
+  (the published models); any other width cannot run in the reference, so
+  `dims[-1]` is used unconditionally.
+  """
+  dims: Sequence[int]
+  num_timesteps: int
+  skip_aggregation_for_single_timestep: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Sequence[jnp.ndarray]) -> jnp.ndarray:
+    """Fuses per-level features into an image.
+
+    Args:
+      features: one array per level, coarse to fine, of shape
+        (2, T, B, h, w, dims[i]): [source (MRI, other), timestep, batch, ...].
+    Returns:
+      fused image (B, H, W, 1) in [-1, 1].
+    """
+    dims = list(self.dims)
+    if len(features) != len(dims):
+      raise ValueError(f"FusionHead: got {len(features)} feature levels, expected {len(dims)}")
+    multi_scale = []  # earlier levels' outputs, upsampled x2
+    out = None
+    for i, (feature, dim) in enumerate(zip(features, dims)):
+      sources, steps, batch, h, w, c = feature.shape
+      if sources != 2 or steps != self.num_timesteps or c != dim:
+        raise ValueError(
+            f"FusionHead level {i}: features of shape {feature.shape}, expected "
+            f"(2, {self.num_timesteps}, B, h, w, {dim})")
+      feature = feature.astype(self.dtype)
+      # Timestep-major channel concat, both sources in one batch (shared weights).
+      stacked = jnp.moveaxis(feature, 1, -2).reshape(2 * batch, h, w, steps * c)
+      aggregated = _ConvBlock(dim, dtype=self.dtype, name=f"level{i}_aggregate")(stacked)
+      if steps == 1 and self.skip_aggregation_for_single_timestep:
+        aggregated = stacked
+      a, b = aggregated[:batch], aggregated[batch:]
+
+      w_att = CrossModalAttention(dim, dtype=self.dtype, name=f"level{i}_attention")(a + b)
+      fea = w_att * a + (1 - w_att) * b + a + b
+
+      if i >= 1:
+        fea = fea + multi_scale[i - 1]
+      if i >= 2:
+        skip = _ConvBlock(dim, dtype=self.dtype, name=f"level{i}_block1")(multi_scale[i - 2])
+        fea = fea + upsample2x_bilinear_align_corners(skip)
+      dim_out = dims[i + 1] if i + 1 < len(dims) else dim
+      out = _ConvBlock(dim_out, dtype=self.dtype, name=f"level{i}_block")(fea)
+      if i + 1 < len(dims):
+        multi_scale.append(upsample2x_bilinear_align_corners(out))
+
+    x = nn.leaky_relu(
+        _Conv(OUTPUT_HIDDEN_CHANNELS, 3, dtype=self.dtype, name="out_conv0")(out),
+        negative_slope=0.2)
+    x = _Conv(1, 3, dtype=self.dtype, name="out_conv1")(x)
+    return jnp.tanh(x).astype(jnp.float32)
+
+
+def fusion_head_from_config(model_cfg: Any, fusion_cfg: Any, dtype: Any = jnp.float32) -> FusionHead:
+  feat_scales = list(_cfg_get(fusion_cfg, "feat_scales", (2, 5, 8, 11, 14)))
+  timesteps = list(_cfg_get(fusion_cfg, "timesteps", (5, 10, 20)))
+  if not timesteps:
+    raise ConfigError("fusion.timesteps is empty: the head needs at least one timestep")
+  if not feat_scales:
+    raise ConfigError("fusion.feat_scales is empty: the head needs at least one level")
+  return FusionHead(
+      dims=tuple(level_dims(model_cfg, feat_scales)),
+      num_timesteps=len(timesteps),
+      skip_aggregation_for_single_timestep=bool(
+          _cfg_get(fusion_cfg, "skip_aggregation_for_single_timestep", True)),
+      dtype=dtype)
+
+
+def order_features_coarse_to_fine(features: Sequence[Any], feat_scales: Sequence[int]) -> list:
+  """Reorders a per-scale list (in `feat_scales` order) to the head's coarse-to-fine order."""
+  order = sorted(range(len(feat_scales)), key=lambda k: -feat_scales[k])
+  return [features[k] for k in order]
+
+
+# ---------------------------------------------------------------------------
+# PyTorch checkpoint import.
+
+
+def _torch_key_map(num_levels: int) -> dict[str, tuple[str, ...]]:
+  """Reference state_dict prefix -> path of the `_Conv` module in our params."""
+  mapping = {}
+  for i in range(num_levels):
+    agg, att = f"decoder.{2 * i}", f"decoder.{2 * i + 1}"
+    mapping[f"{agg}.block.0"] = (f"level{i}_aggregate", "conv0")
+    mapping[f"{agg}.block.2"] = (f"level{i}_aggregate", "conv2")
+    mapping[f"{att}.att.sa.sa"] = (f"level{i}_attention", "sa")
+    mapping[f"{att}.att.ca.ca.0"] = (f"level{i}_attention", "ca0")
+    mapping[f"{att}.att.ca.ca.2"] = (f"level{i}_attention", "ca2")
+    mapping[f"{att}.att.pa.pa2"] = (f"level{i}_attention", "pa")
+    mapping[f"{att}.block.0"] = (f"level{i}_block", "conv0")
+    mapping[f"{att}.block.2"] = (f"level{i}_block", "conv2")
+    if i >= 2:
+      mapping[f"{att}.block1.0"] = (f"level{i}_block1", "conv0")
+      mapping[f"{att}.block1.2"] = (f"level{i}_block1", "conv2")
+  mapping["rgb_decode2.conv"] = ("out_conv0",)
+  mapping["rgb_decode1.conv"] = ("out_conv1",)
+  return mapping
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+    value = value.detach().cpu().numpy()
+  return np.asarray(value, dtype=np.float32)
+
+
+def head_params_from_torch(state_dict: Mapping[str, Any], model_cfg: Any, fusion_cfg: Any) -> dict:
+  """Converts a reference head state_dict (bare keys) to FusionHead params.
+
+  Conv weights go OIHW -> HWIO (grouped convs too: (O, I/groups, kh, kw) ->
+  (kh, kw, I/groups, O) is the layout of XLA's feature_group_count). Missing,
+  unexpected or mis-shaped keys raise CheckpointError naming the key.
+  """
+  head = fusion_head_from_config(model_cfg, fusion_cfg)
+  dims = list(head.dims)
+  num_timesteps = head.num_timesteps
+  sd = {str(k): v for k, v in state_dict.items()}
+  for prefix in ("module.", "netF.", "fusion_head."):
+    if sd and all(k.startswith(prefix) for k in sd):
+      sd = {k[len(prefix):]: v for k, v in sd.items()}
+
+  # A different timestep count shows in the aggregation conv's input channels.
+  agg_key = "decoder.0.block.0.weight"
+  if agg_key in sd:
+    in_channels = int(np.shape(sd[agg_key])[1])
+    if in_channels != dims[0] * num_timesteps:
+      if in_channels % dims[0] == 0:
+        raise CheckpointError(
+            f"head checkpoint was trained with {in_channels // dims[0]} timestep(s) "
+            f"({agg_key} takes {in_channels} input channels = {dims[0]} x "
+            f"{in_channels // dims[0]}), but fusion.timesteps has {num_timesteps} "
+            f"entries; set fusion.timesteps to match the checkpoint")
+      raise CheckpointError(
+          f"head checkpoint key {agg_key} has {in_channels} input channels, expected "
+          f"{dims[0] * num_timesteps} ({dims[0]} channels x {num_timesteps} timesteps); "
+          "the checkpoint does not match the model/fusion config")
+
+  expected = jax.eval_shape(
+      head.init, jax.random.PRNGKey(0), _dummy_features(dims, num_timesteps))["params"]
+  params: dict = {}
+  used = set()
+  for torch_prefix, path in _torch_key_map(len(dims)).items():
+    target = expected
+    for name in path:
+      target = target[name]
+    target = target["conv"]
+    for torch_leaf, flax_leaf in (("weight", "kernel"), ("bias", "bias")):
+      key = f"{torch_prefix}.{torch_leaf}"
+      if key not in sd:
+        raise CheckpointError(f"head checkpoint is missing key '{key}'")
+      value = _to_numpy(sd[key])
+      if value.ndim == 4:
+        value = value.transpose(2, 3, 1, 0)
+      want = tuple(target[flax_leaf].shape)
+      if value.shape != want:
+        got = np.shape(sd[key])
+        torch_want = (want[3], want[2], want[0], want[1]) if len(want) == 4 else want
+        raise CheckpointError(
+            f"head checkpoint key '{key}' has shape {tuple(got)}, expected {torch_want} "
+            "for this model/fusion config")
+      node = params
+      for name in path + ("conv",):
+        node = node.setdefault(name, {})
+      node[flax_leaf] = jnp.asarray(value)
+      used.add(key)
+  unexpected = sorted(set(sd) - used)
+  if unexpected:
+    raise CheckpointError(
+        f"head checkpoint has unexpected key '{unexpected[0]}'"
+        + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+  return params
+
+
+def _dummy_features(dims: Sequence[int], num_timesteps: int, batch: int = 1,
+                    coarsest: int = 4) -> list[jax.ShapeDtypeStruct]:
+  """Feature shapes for init / eval_shape: level i has side `coarsest * 2**i`."""
+  return [
+      jax.ShapeDtypeStruct((2, num_timesteps, batch, coarsest * 2**i, coarsest * 2**i, d),
+                           jnp.float32)
+      for i, d in enumerate(dims)
+  ]
+
+
+def init_head_params(head: FusionHead, key: jax.Array, coarsest: int = 4) -> dict:
+  """Initial parameters (orthogonal kernels, zero biases) without real features."""
+  shapes = _dummy_features(head.dims, head.num_timesteps, coarsest=coarsest)
+  dummy = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+  return jax.jit(head.init)(key, dummy)["params"]
+
+
+def count_params(params: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

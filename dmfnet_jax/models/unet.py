@@ -1,0 +1,443 @@
+"""Stage I UNet of DM-FNet (SR3 style), NHWC, numerically faithful to the reference.
+
+The module tree mirrors the reference PyTorch tree so that converting a checkpoint is
+a rename plus a transpose: `downs_<i>`, `mid_<i>`, `ups_<i>` are the flat reference
+lists (resnet blocks and samplers interleaved), a resnet block holds `block1`,
+`block2`, `noise_func`, `res_conv`, an attention layer holds `norm`, `qkv`, `out`.
+
+Reference quirks kept on purpose (see SPEC.md §1):
+  * attention is decided by comparing `attn_res` with `image_size` halved per level,
+    not with the actual feature size, so at image_size 160 only the middle has it;
+  * the decoder feature list is REVERSED (index 0 = last full-resolution block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmfnet_jax.errors import ConfigError
+
+Dtype = Any
+
+# PyTorch's GroupNorm default; flax defaults to 1e-6.
+GROUP_NORM_EPS = 1e-5
+
+# The reference initialises every conv/linear weight orthogonally (gain 1), biases 0.
+_KERNEL_INIT = nn.initializers.orthogonal(scale=1.0)
+_BIAS_INIT = nn.initializers.zeros_init()
+
+MODEL_DEFAULTS = dict(
+    in_channel=1,
+    out_channel=1,
+    inner_channel=128,
+    norm_groups=32,
+    channel_mults=(1, 1, 1, 1, 2),
+    attn_res=(16,),
+    res_blocks=2,
+    dropout=0.2,
+    image_size=160,
+    with_noise_level_emb=True,
+)
+
+
+def _conv(features: int, kernel: int, *, dtype: Dtype, name: str, stride: int = 1,
+          use_bias: bool = True) -> nn.Conv:
+  # Explicit symmetric padding: XLA's "SAME" pads an even input only at the end when
+  # striding, which would shift the Downsample grid relative to PyTorch's padding=1.
+  pad = kernel // 2
+  return nn.Conv(
+      features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+      use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name=name)
+
+
+def _dense(features: int, *, dtype: Dtype, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name=name)
+
+
+def _group_norm(groups: int, name: str) -> nn.GroupNorm:
+  # Always float32 with the two-pass variance, whatever the compute dtype: bf16
+  # statistics drift visibly from the reference.
+  return nn.GroupNorm(num_groups=groups, epsilon=GROUP_NORM_EPS, dtype=jnp.float32,
+                      param_dtype=jnp.float32, use_fast_variance=False, name=name)
+
+
+def noise_level_encoding(noise_level: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal encoding of the continuous noise level g: (B,) -> (B, dim), sin first."""
+  count = dim // 2
+  step = jnp.arange(count, dtype=jnp.float32) / count
+  angles = noise_level.astype(jnp.float32)[:, None] * jnp.exp(-math.log(1e4) * step)[None, :]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+class NoiseLevelMLP(nn.Module):
+  """Positional encoding -> Linear(C, 4C) -> swish -> Linear(4C, C)."""
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, noise_level: jax.Array) -> jax.Array:
+    h = noise_level_encoding(noise_level, self.dim)
+    h = _dense(self.dim * 4, dtype=self.dtype, name="dense_in")(h)
+    h = nn.swish(h)
+    return _dense(self.dim, dtype=self.dtype, name="dense_out")(h)
+
+
+class Block(nn.Module):
+  """GroupNorm -> swish -> (dropout) -> Conv3x3."""
+  features: int
+  groups: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    h = _group_norm(self.groups, "norm")(x.astype(jnp.float32))
+    h = nn.swish(h)
+    if self.dropout > 0:
+      h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    return _conv(self.features, 3, dtype=self.dtype, name="conv")(h)
+
+
+class ResnetBlock(nn.Module):
+  """Two Blocks with the additive noise-level embedding between, plus a residual."""
+  features: int
+  groups: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: Optional[jax.Array],
+               train: bool = False) -> jax.Array:
+    h = Block(self.features, self.groups, dtype=self.dtype, name="block1")(x, train)
+    if temb is not None:
+      shift = _dense(self.features, dtype=self.dtype, name="noise_func")(temb)
+      h = h + shift[:, None, None, :]
+    h = Block(self.features, self.groups, self.dropout, dtype=self.dtype,
+              name="block2")(h, train)
+    if x.shape[-1] != self.features:
+      residual = _conv(self.features, 1, dtype=self.dtype, name="res_conv")(x)
+    else:
+      residual = x.astype(h.dtype)
+    return h + residual
+
+
+class SelfAttention(nn.Module):
+  """One-head self-attention over all positions, logits scaled by 1/sqrt(channels)."""
+  groups: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, height, width, channels = x.shape
+    normed = _group_norm(self.groups, "norm")(x.astype(jnp.float32))
+    qkv = _conv(3 * channels, 1, use_bias=False, dtype=self.dtype, name="qkv")(normed)
+    qkv = qkv.reshape(batch, height * width, 3 * channels)
+    query, key, value = jnp.split(qkv, 3, axis=-1)
+    logits = jnp.einsum("bqc,bkc->bqk", query, key,
+                        preferred_element_type=jnp.float32) / math.sqrt(channels)
+    weights = jax.nn.softmax(logits, axis=-1)
+    attended = jnp.einsum("bqk,bkc->bqc", weights.astype(value.dtype), value)
+    attended = attended.reshape(batch, height, width, channels)
+    out = _conv(channels, 1, dtype=self.dtype, name="out")(attended)
+    return out + x.astype(out.dtype)
+
+
+class ResnetBlocWithAttn(nn.Module):
+  features: int
+  groups: int
+  dropout: float = 0.0
+  with_attn: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: Optional[jax.Array],
+               train: bool = False) -> jax.Array:
+    x = ResnetBlock(self.features, self.groups, self.dropout, dtype=self.dtype,
+                    name="res_block")(x, temb, train)
+    if self.with_attn:
+      x = SelfAttention(self.groups, dtype=self.dtype, name="attn")(x)
+    return x
+
+
+class Downsample(nn.Module):
+  """Conv3x3 stride 2, padding 1 on every side."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return _conv(self.features, 3, stride=2, dtype=self.dtype, name="conv")(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2, then Conv3x3."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return _conv(self.features, 3, dtype=self.dtype, name="conv")(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+  """One entry of the reference's flat `downs`/`ups` list."""
+  kind: str  # "res", "down" or "up"
+  features: int
+  with_attn: bool = False
+
+
+def _layout(inner_channel: int, channel_mults: Sequence[int], attn_res: Sequence[int],
+            res_blocks: int, image_size: int) -> tuple[list[_Layer], list[_Layer]]:
+  """The reference's `downs` and `ups` lists, attention decided by the image_size quirk."""
+  levels = len(channel_mults)
+  downs, ups = [], []
+  resolution = image_size
+  for level in range(levels):
+    width = inner_channel * channel_mults[level]
+    for _ in range(res_blocks):
+      downs.append(_Layer("res", width, resolution in attn_res))
+    if level != levels - 1:
+      downs.append(_Layer("down", width))
+      resolution //= 2
+  for level in reversed(range(levels)):
+    width = inner_channel * channel_mults[level]
+    for _ in range(res_blocks + 1):
+      ups.append(_Layer("res", width, resolution in attn_res))
+    if level != 0:
+      ups.append(_Layer("up", width))
+      resolution *= 2
+  return downs, ups
+
+
+class UNet(nn.Module):
+  """SR3 UNet predicting x0 from (x_t, g); optionally exposes encoder/decoder features.
+
+  Call modes:
+    * default: (B, H, W, out_channel) output, float32;
+    * `return_features=True`: (enc_feats, dec_feats, out) with dec_feats REVERSED
+      as in the reference;
+    * `decoder_feature_indices=[...]` (indices into the reversed decoder list): only
+      those features, in the given order; nothing after the last needed up-path block
+      is computed (no remaining full-resolution blocks, no final_conv).
+  Features are in the compute dtype. Dropout draws from the 'dropout' rng when train.
+  """
+  in_channel: int = 1
+  out_channel: int = 1
+  inner_channel: int = 128
+  norm_groups: int = 32
+  channel_mults: Sequence[int] = (1, 1, 1, 1, 2)
+  attn_res: Sequence[int] = (16,)
+  res_blocks: int = 2
+  dropout: float = 0.2
+  image_size: int = 160
+  with_noise_level_emb: bool = True
+  dtype: Dtype = jnp.float32
+
+  def layout(self) -> tuple[list[_Layer], list[_Layer]]:
+    return _layout(self.inner_channel, tuple(self.channel_mults), tuple(self.attn_res),
+                   self.res_blocks, self.image_size)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, noise_level: jax.Array, *, train: bool = False,
+               return_features: bool = False,
+               decoder_feature_indices: Optional[Sequence[int]] = None):
+    if x.ndim != 4 or x.shape[-1] != self.in_channel:
+      raise ValueError(f"UNet expects (B, H, W, {self.in_channel}) input, got {x.shape}")
+    downs, ups = self.layout()
+    num_up_blocks = sum(layer.kind == "res" for layer in ups)
+    last_needed_block = num_up_blocks - 1  # forward-order index of the last block to run
+    if decoder_feature_indices is not None:
+      if return_features:
+        raise ValueError("Pass either return_features or decoder_feature_indices, not both")
+      indices = [int(i) for i in decoder_feature_indices]
+      if not indices or any(not 0 <= i < num_up_blocks for i in indices):
+        raise ValueError(f"decoder_feature_indices must lie in [0, {num_up_blocks}), "
+                         f"got {list(decoder_feature_indices)}")
+      last_needed_block = num_up_blocks - 1 - min(indices)
+
+    batch = x.shape[0]
+    noise_level = jnp.broadcast_to(jnp.reshape(noise_level, (-1,)), (batch,))
+    temb = None
+    if self.with_noise_level_emb:
+      temb = NoiseLevelMLP(self.inner_channel, dtype=self.dtype,
+                           name="noise_level_mlp")(noise_level)
+
+    h = _conv(self.inner_channel, 3, dtype=self.dtype, name="init_conv")(x)
+    skips = [h]
+    for i, layer in enumerate(downs):
+      if layer.kind == "res":
+        h = ResnetBlocWithAttn(layer.features, self.norm_groups, self.dropout,
+                               layer.with_attn, dtype=self.dtype,
+                               name=f"downs_{i}")(h, temb, train)
+      else:
+        h = Downsample(layer.features, dtype=self.dtype, name=f"downs_{i}")(h)
+      skips.append(h)
+    encoder_features = list(skips)
+
+    mid_width = downs[-1].features
+    h = ResnetBlocWithAttn(mid_width, self.norm_groups, self.dropout, True,
+                           dtype=self.dtype, name="mid_0")(h, temb, train)
+    h = ResnetBlocWithAttn(mid_width, self.norm_groups, self.dropout, False,
+                           dtype=self.dtype, name="mid_1")(h, temb, train)
+
+    decoder_features = []  # forward order
+    for i, layer in enumerate(ups):
+      if layer.kind == "res":
+        h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
+        h = ResnetBlocWithAttn(layer.features, self.norm_groups, self.dropout,
+                               layer.with_attn, dtype=self.dtype,
+                               name=f"ups_{i}")(h, temb, train)
+        decoder_features.append(h)
+        if len(decoder_features) > last_needed_block:
+          break
+      else:
+        h = Upsample(layer.features, dtype=self.dtype, name=f"ups_{i}")(h)
+
+    if decoder_feature_indices is not None:
+      return [decoder_features[num_up_blocks - 1 - i] for i in indices]
+
+    out = Block(self.out_channel, self.norm_groups, dtype=self.dtype,
+                name="final_conv")(h, train).astype(jnp.float32)
+    if return_features:
+      return encoder_features, decoder_features[::-1], out
+    return out
+
+
+def _cfg_value(model_cfg: Any, key: str) -> Any:
+  if model_cfg is None:
+    return MODEL_DEFAULTS[key]
+  if isinstance(model_cfg, Mapping):
+    return model_cfg.get(key, MODEL_DEFAULTS[key])
+  try:  # ml_collections.ConfigDict and plain namespaces
+    return getattr(model_cfg, key)
+  except AttributeError:
+    return MODEL_DEFAULTS[key]
+
+
+def unet_kwargs(model_cfg: Any) -> dict[str, Any]:
+  """The UNet attributes from a model config (ConfigDict, dict or None = defaults)."""
+  kwargs = {key: _cfg_value(model_cfg, key) for key in MODEL_DEFAULTS}
+  for key in ("channel_mults", "attn_res"):
+    kwargs[key] = tuple(int(v) for v in kwargs[key])
+  for key in ("in_channel", "out_channel", "inner_channel", "norm_groups", "res_blocks",
+              "image_size"):
+    kwargs[key] = int(kwargs[key])
+  kwargs["dropout"] = float(kwargs["dropout"])
+  kwargs["with_noise_level_emb"] = bool(kwargs["with_noise_level_emb"])
+  _validate(kwargs)
+  return kwargs
+
+
+def _validate(kwargs: Mapping[str, Any]) -> None:
+  channels = kwargs["inner_channel"]
+  groups = kwargs["norm_groups"]
+  if channels <= 0 or channels % 2:
+    raise ConfigError(f"model.inner_channel must be a positive even number, got {channels}")
+  if not kwargs["channel_mults"] or kwargs["res_blocks"] < 1:
+    raise ConfigError("model.channel_mults must be non-empty and model.res_blocks >= 1")
+  for mult in kwargs["channel_mults"]:
+    if groups <= 0 or (channels * mult) % groups:
+      raise ConfigError(f"model.norm_groups={groups} must divide every level width "
+                        f"inner_channel*mult = {channels * mult}")
+  if not 0.0 <= kwargs["dropout"] < 1.0:
+    raise ConfigError(f"model.dropout must lie in [0, 1), got {kwargs['dropout']}")
+
+
+def unet_from_config(model_cfg: Any, dtype: Dtype = jnp.float32) -> UNet:
+  return UNet(**unet_kwargs(model_cfg), dtype=dtype)
+
+
+def decoder_channels(model_cfg: Any) -> list[int]:
+  """Channels of each decoder feature, in the reference's reversed order."""
+  kwargs = unet_kwargs(model_cfg)
+  _, ups = _layout(kwargs["inner_channel"], kwargs["channel_mults"], kwargs["attn_res"],
+                   kwargs["res_blocks"], kwargs["image_size"])
+  return [layer.features for layer in ups if layer.kind == "res"][::-1]
+
+
+def abstract_params(model_cfg: Any) -> Any:
+  """Parameter shapes (ShapeDtypeStructs) without initialising anything."""
+  kwargs = unet_kwargs(model_cfg)
+  model = UNet(**kwargs)
+  levels = len(kwargs["channel_mults"])
+  size = 2 ** (levels - 1)  # smallest input the down path accepts
+  x = jax.ShapeDtypeStruct((1, size, size, kwargs["in_channel"]), jnp.float32)
+  g = jax.ShapeDtypeStruct((1,), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape),
+                                                jnp.zeros(g.shape)))
+  return variables["params"]
+
+
+# --- checkpoint conversion -------------------------------------------------------------
+
+# Buffers of the reference diffusion wrapper that are not UNet parameters.
+SCHEDULE_BUFFERS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "sqrt_alphas_cumprod_prev",
+})
+TORCH_PREFIX = "denoise_fn."
+
+_BLOCK_CHILDREN = {"norm": "block.0", "conv": "block.3"}
+_MLP_CHILDREN = {"dense_in": "1", "dense_out": "3"}
+
+
+def torch_key(path: Sequence[str]) -> str:
+  """Reference state_dict key of a flax parameter path, e.g.
+  ('downs_0', 'res_block', 'block1', 'conv', 'kernel') ->
+  'downs.0.res_block.block1.block.3.weight'."""
+  parts = []
+  parent = None
+  for name in path[:-1]:
+    if parent in ("block1", "block2", "final_conv"):
+      parts.append(_BLOCK_CHILDREN[name])
+    elif parent == "noise_level_mlp":
+      parts.append(_MLP_CHILDREN[name])
+    elif name == "noise_func":
+      parts.append("noise_func.noise_func.0")
+    else:
+      head, _, index = name.rpartition("_")
+      if head in ("downs", "mid", "ups") and index.isdigit():
+        parts.append(f"{head}.{index}")
+      else:
+        parts.append(name)
+    parent = name
+  leaf = path[-1]
+  parts.append("bias" if leaf == "bias" else "weight")
+  return ".".join(parts)
+
+
+def unet_params_from_torch(state_dict: Mapping[str, Any], model_cfg: Any) -> Any:
+  """Converts a reference UNet (or diffusion wrapper) state_dict to flax params.
+
+  Accepts bare keys or keys under `denoise_fn.`; the wrapper's schedule buffers are
+  skipped. Raises CheckpointError naming the key on anything missing, unexpected or
+  mis-shaped (a checkpoint of another model config)."""
+  from dmfnet_jax.torch_import import params_from_state_dict  # local: avoids a cycle
+
+  bare = {}
+  for key, value in state_dict.items():
+    name = key[len(TORCH_PREFIX):] if key.startswith(TORCH_PREFIX) else key
+    if name in SCHEDULE_BUFFERS:
+      continue
+    bare[name] = value
+  return params_from_state_dict(bare, abstract_params(model_cfg), torch_key,
+                                what="Stage I UNet")
+
+
+def param_count(params: Any) -> int:
+  return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))

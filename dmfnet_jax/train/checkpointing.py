@@ -1,0 +1,168 @@
+"""Orbax checkpoints under a workdir: train state, data iterator and metadata.
+
+Each step directory holds the items `state` (the train state pytree), `data`
+(the grain iterator state, so a resumed run continues the same stream), `meta`
+(JSON: job, model/fusion/diffusion config) and, for Stage II, `unet` (the frozen
+Stage I parameters, so one checkpoint holds both stages). Orbax writes a step into
+a temporary directory and renames it when complete, so a killed save never shows
+up as a step; a step that exists but fails to restore is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Mapping, Optional, Sequence
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from dmfnet_jax.errors import CheckpointError
+
+ITEM_NAMES = ("state", "data", "meta", "unet", "params")
+
+
+def _restore_arg(name: str, target: Any):
+  if name == "meta":
+    return ocp.args.JsonRestore()
+  if name == "data":
+    return grain.checkpoint.CheckpointRestore(target)
+  return ocp.args.StandardRestore(target)
+
+
+def _save_arg(name: str, value: Any):
+  if name == "meta":
+    return ocp.args.JsonSave(value)
+  if name == "data":
+    return grain.checkpoint.CheckpointSave(value)
+  return ocp.args.StandardSave(value)
+
+
+class CheckpointStore:
+  """A `CheckpointManager` with item names, keep policy and corrupt-step fallback."""
+
+  def __init__(self, directory: os.PathLike | str, *, keep: int = 3,
+               async_save: bool = True, read_only: bool = False):
+    self.directory = pathlib.Path(directory).absolute()
+    if read_only and not self.directory.is_dir():
+      raise CheckpointError(f"{self.directory}: no such checkpoint directory")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep if keep > 0 else None,
+        enable_async_checkpointing=async_save,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+    )
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           item_names=ITEM_NAMES)
+    except Exception as err:  # orbax raises assorted errors for unusable paths
+      raise CheckpointError(f"{self.directory}: cannot open checkpoint directory ({err})") from err
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, items: Mapping[str, Any], *, force: bool = True) -> None:
+    args = ocp.args.Composite(**{name: _save_arg(name, value) for name, value in items.items()})
+    self.manager.save(step, args=args, force=force)
+
+  def item_names_at(self, step: int) -> list[str]:
+    step_dir = self.directory / str(step)
+    return [name for name in ITEM_NAMES if (step_dir / name).exists()]
+
+  def read_meta(self, step: int) -> dict:
+    path = self.directory / str(step) / "meta" / "metadata"
+    try:
+      return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+      raise CheckpointError(f"{path}: cannot read checkpoint metadata ({err})") from err
+
+  def restore(self, step: int, targets: Mapping[str, Any]) -> dict:
+    """Restores the named items at `step`; `targets` maps item -> abstract target
+    (or the grain iterator for `data`; None for `meta` or an untyped restore)."""
+    args = ocp.args.Composite(
+        **{name: _restore_arg(name, target) for name, target in targets.items()})
+    restored = self.manager.restore(step, args=args)
+    return {name: restored[name] for name in targets}
+
+  def restore_latest_good(self, targets_fn) -> tuple[Optional[int], Optional[dict]]:
+    """Newest step that restores; corrupt or partial steps are skipped with a warning.
+
+    `targets_fn(step)` gives the targets for that step (it may raise CheckpointError
+    for a mismatch with the config, which is NOT skipped: it is the user's error).
+    """
+    for step in reversed(self.all_steps()):
+      targets = targets_fn(step)
+      try:
+        return step, self.restore(step, targets)
+      except CheckpointError:
+        raise
+      except Exception as err:  # a damaged step: fall back to the previous one
+        logging.warning("Checkpoint step %d in %s cannot be restored (%s: %s); "
+                        "trying the previous one.", step, self.directory,
+                        type(err).__name__, err)
+    return None, None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def checkpoint_dir(workdir: os.PathLike | str) -> pathlib.Path:
+  return pathlib.Path(workdir) / "checkpoints"
+
+
+def resolve_checkpoint_path(path: os.PathLike | str) -> pathlib.Path:
+  """A workdir, its `checkpoints/` folder, or one step folder -> the manager folder."""
+  path = pathlib.Path(path).expanduser()
+  if not path.exists():
+    raise CheckpointError(f"{path}: checkpoint path does not exist")
+  if (path / "checkpoints").is_dir():
+    return path / "checkpoints"
+  return path
+
+
+def open_for_reading(path: os.PathLike | str) -> tuple[CheckpointStore, int]:
+  """Opens a checkpoint for reading; returns the store and the step to use.
+
+  Accepts a workdir, a checkpoint manager folder, or a single step folder in one.
+  """
+  path = resolve_checkpoint_path(path)
+  if (path / "meta").is_dir() and path.name.isdigit():
+    store = CheckpointStore(path.parent, read_only=True)
+    return store, int(path.name)
+  store = CheckpointStore(path, read_only=True)
+  step = store.latest_step()
+  if step is None:
+    raise CheckpointError(f"{path}: contains no complete checkpoint")
+  return store, step
+
+
+def config_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any],
+                    keys: Optional[Sequence[str]] = None) -> list[str]:
+  """Human-readable differences between two config dicts (for model configs)."""
+  keys = keys if keys is not None else sorted(set(saved) | set(current))
+  diffs = []
+  for key in keys:
+    a, b = saved.get(key), current.get(key)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+      a, b = list(a), list(b)
+    if a != b:
+      diffs.append(f"{key}: checkpoint {a!r} vs config {b!r}")
+  return diffs
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      tree, shardings)

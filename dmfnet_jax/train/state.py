@@ -1,0 +1,84 @@
+"""Train state, optimizer and sharded initialisation shared by both stages."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from dmfnet_jax.errors import ConfigError
+from dmfnet_jax.train import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any  # None when EMA is off
+  rng: jax.Array  # raw uint32 key data; `fold_in(step)` gives each step its key
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  """AdamW for Stage I, Adam for Stage II (as the reference), optional clipping."""
+  name = train_cfg.optimizer
+  if name == "adamw":
+    opt = optax.adamw(train_cfg.learning_rate, b1=train_cfg.b1, b2=train_cfg.b2,
+                      eps=train_cfg.eps, weight_decay=train_cfg.weight_decay)
+  elif name == "adam":
+    opt = optax.adam(train_cfg.learning_rate, b1=train_cfg.b1, b2=train_cfg.b2,
+                     eps=train_cfg.eps)
+  else:
+    raise ConfigError(f"config.train.optimizer='{name}': use 'adamw' or 'adam'")
+  if train_cfg.grad_clip_norm and train_cfg.grad_clip_norm > 0:
+    opt = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip_norm), opt)
+  return opt
+
+
+def create_state(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                 rng: jax.Array, *, ema: bool, params: Optional[Any] = None) -> TrainState:
+  params = init_params_fn(rng) if params is None else params
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+      rng=jax.random.fold_in(rng, 1),
+  )
+
+
+def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+  """Parameters, EMA and moments share one rule (fsdp-sharded or replicated);
+  scalars and the key are replicated."""
+  return jax.tree.map(lambda leaf: sharding_lib.param_sharding(leaf, mesh), abstract_state)
+
+
+def init_sharded_state(init_params_fn, tx, rng, mesh: Mesh, *, ema: bool,
+                       params: Optional[Any] = None):
+  """Shapes first (`eval_shape`), then initialise directly into the shardings.
+
+  `params` (e.g. from a configured checkpoint) replaces the fresh initialisation.
+  """
+
+  def build(rng, params):
+    return create_state(init_params_fn, tx, rng, ema=ema, params=params)
+
+  abstract = jax.eval_shape(build, rng, params)
+  shardings = state_shardings(abstract, mesh)
+  state = jax.jit(build, out_shardings=shardings)(rng, params)
+  return state, shardings
+
+
+def ema_update(ema_params, params, decay: float):
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def compute_dtype(train_cfg):
+  name = train_cfg.compute_dtype
+  if name not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.train.compute_dtype='{name}': use 'float32' or 'bfloat16'")
+  return jnp.bfloat16 if name == "bfloat16" else jnp.float32
