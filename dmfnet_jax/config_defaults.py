@@ -64,17 +64,10 @@ def fusion_config() -> ml_collections.ConfigDict:
 
 
 def data_config(crop_size: int = 160) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(
-      dict(
-          root="",  # empty: the built-in synthetic phantoms
-          tasks=list(TASKS),
-          split="train",
-          crop_size=crop_size,
-          random_flip=True,
-          phantom_count=64,
-          phantom_size=256,
-          num_workers=0,
-      ))
+  from dmfnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  cfg = pipeline.default_data_config()
+  cfg.crop_size = crop_size
+  return cfg
 
 
 def mesh_config() -> ml_collections.ConfigDict:
@@ -115,3 +108,18 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       ))
   cfg.update(overrides)
   return cfg
+
+
+def fuse_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      dict(
+          pairs="",  # 'a.png:b.png,...' or a text file of pairs
+          dir_a="",
+          dir_b="",
+          output_dir="",  # default: WORKDIR/fused
+          output_format="png",
+          batch_size=4,
+          compute_dtype="float32",
+          overwrite=True,
+          phantom_count=6,  # pairs fused when no input is given
+      ))

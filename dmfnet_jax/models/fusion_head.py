@@ -8,7 +8,8 @@ image in [-1, 1]. Per level, coarse to fine:
    over channels, go through Conv1x1 -> ReLU -> Conv3x3 -> ReLU (one set of
    weights serves both sources);
 2. DEA-Net style cross-modal attention gives a per-pixel weight `w` and
-   `fea = w*a + (1-w)*b + a + b`;
+   `fea = w*a + (1-w)*b + a + b` (with `w = (a+b) * sigmoid(...)`, as the
+   reference computes it; see `CrossModalAttention`);
 3. multi-scale decoding adds the upsampled outputs of the previous one or two
    levels before a Conv1x1 -> ReLU -> Conv3x3 -> ReLU block.
 
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmfnet_jax.errors import CheckpointError, ConfigError
+from dmfnet_jax.models.unet import decoder_channels
 
 _KERNEL_INIT = nn.initializers.orthogonal(scale=1.0)
 _BIAS_INIT = nn.initializers.zeros_init()
@@ -49,21 +51,9 @@ def _cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
     return getattr(cfg, name, default)
 
 
-def decoder_feature_channels(model_cfg: Any) -> list[int]:
-  """Channels of each UNet decoder feature, in the reference's reversed order.
-
-  The reversed list starts with the last full-resolution up block, so index
-  `j` belongs to level `j // (res_blocks + 1)` of width `inner * mult[level]`.
-  """
-  inner = int(_cfg_get(model_cfg, "inner_channel", 128))
-  mults = tuple(_cfg_get(model_cfg, "channel_mults", (1, 1, 1, 1, 2)))
-  res_blocks = int(_cfg_get(model_cfg, "res_blocks", 2))
-  return [inner * int(m) for m in mults for _ in range(res_blocks + 1)]
-
-
 def level_dims(model_cfg: Any, feat_scales: Sequence[int]) -> list[int]:
   """Channels per head level, coarse to fine (`feat_scales` sorted descending)."""
-  channels = decoder_feature_channels(model_cfg)
+  channels = decoder_channels(model_cfg)
   dims = []
   for scale in sorted(feat_scales, reverse=True):
     if not 0 <= scale < len(channels):
@@ -138,7 +128,13 @@ class _ConvBlock(nn.Module):
 
 
 class CrossModalAttention(nn.Module):
-  """DEA-Net content-guided attention on `s = a + b`; returns `w` in (0, 1)."""
+  """DEA-Net attention on `s = a + b`; returns the fusion weight `w = s * sigmoid(pa)`.
+
+  The reference's attention block (DEA-Net's `res * pattn2`) multiplies the
+  pixel-attention map by its input, so `w` is NOT confined to (0, 1); SPEC.md §2
+  calls the bare sigmoid `w`, but only `s * sigmoid` reproduces the parity
+  vectors (max error ~2e-6 vs ~0.46 for the bare sigmoid).
+  """
   dim: int
   dtype: Any = jnp.float32
 
@@ -276,77 +272,49 @@ def _torch_key_map(num_levels: int) -> dict[str, tuple[str, ...]]:
   return mapping
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):  # torch.Tensor, without importing torch
-    value = value.detach().cpu().numpy()
-  return np.asarray(value, dtype=np.float32)
+def torch_key(path: Sequence[str], num_levels: int) -> str:
+  """Reference state_dict key of a head parameter path, e.g.
+  ('level2_block1', 'conv0', 'conv', 'kernel') -> 'decoder.5.block1.0.weight'."""
+  by_module = {module: prefix for prefix, module in _torch_key_map(num_levels).items()}
+  module = tuple(path[:-2])  # drop the inner ('conv', leaf)
+  if module not in by_module:
+    raise CheckpointError(f"no reference key for head parameter {'/'.join(path)}")
+  return f"{by_module[module]}.{'bias' if path[-1] == 'bias' else 'weight'}"
 
 
-def head_params_from_torch(state_dict: Mapping[str, Any], model_cfg: Any, fusion_cfg: Any) -> dict:
+def abstract_head_params(head: FusionHead) -> Any:
+  """Parameter shapes (ShapeDtypeStructs) without initialising anything."""
+  return jax.eval_shape(
+      head.init, jax.random.PRNGKey(0), _dummy_features(head.dims, head.num_timesteps))["params"]
+
+
+def head_params_from_torch(state_dict: Mapping[str, Any], model_cfg: Any, fusion_cfg: Any) -> Any:
   """Converts a reference head state_dict (bare keys) to FusionHead params.
 
-  Conv weights go OIHW -> HWIO (grouped convs too: (O, I/groups, kh, kw) ->
-  (kh, kw, I/groups, O) is the layout of XLA's feature_group_count). Missing,
-  unexpected or mis-shaped keys raise CheckpointError naming the key.
+  Conv weights go OIHW -> HWIO; the grouped pixel-attention conv too, since
+  PyTorch's (O, I/groups, kh, kw) and XLA's feature_group_count kernel
+  (kh, kw, I/groups, O) group channels the same way. A checkpoint made with
+  another timestep count is named as such; any other missing, unexpected or
+  mis-shaped key raises CheckpointError naming the key and both shapes.
   """
+  from dmfnet_jax.torch_import import params_from_state_dict  # local: torch stays optional
+
   head = fusion_head_from_config(model_cfg, fusion_cfg)
   dims = list(head.dims)
   num_timesteps = head.num_timesteps
-  sd = {str(k): v for k, v in state_dict.items()}
-  for prefix in ("module.", "netF.", "fusion_head."):
-    if sd and all(k.startswith(prefix) for k in sd):
-      sd = {k[len(prefix):]: v for k, v in sd.items()}
-
   # A different timestep count shows in the aggregation conv's input channels.
   agg_key = "decoder.0.block.0.weight"
-  if agg_key in sd:
-    in_channels = int(np.shape(sd[agg_key])[1])
-    if in_channels != dims[0] * num_timesteps:
-      if in_channels % dims[0] == 0:
-        raise CheckpointError(
-            f"head checkpoint was trained with {in_channels // dims[0]} timestep(s) "
-            f"({agg_key} takes {in_channels} input channels = {dims[0]} x "
-            f"{in_channels // dims[0]}), but fusion.timesteps has {num_timesteps} "
-            f"entries; set fusion.timesteps to match the checkpoint")
+  if agg_key in state_dict and len(np.shape(state_dict[agg_key])) == 4:
+    in_channels = int(np.shape(state_dict[agg_key])[1])
+    if in_channels != dims[0] * num_timesteps and in_channels % dims[0] == 0:
       raise CheckpointError(
-          f"head checkpoint key {agg_key} has {in_channels} input channels, expected "
-          f"{dims[0] * num_timesteps} ({dims[0]} channels x {num_timesteps} timesteps); "
-          "the checkpoint does not match the model/fusion config")
-
-  expected = jax.eval_shape(
-      head.init, jax.random.PRNGKey(0), _dummy_features(dims, num_timesteps))["params"]
-  params: dict = {}
-  used = set()
-  for torch_prefix, path in _torch_key_map(len(dims)).items():
-    target = expected
-    for name in path:
-      target = target[name]
-    target = target["conv"]
-    for torch_leaf, flax_leaf in (("weight", "kernel"), ("bias", "bias")):
-      key = f"{torch_prefix}.{torch_leaf}"
-      if key not in sd:
-        raise CheckpointError(f"head checkpoint is missing key '{key}'")
-      value = _to_numpy(sd[key])
-      if value.ndim == 4:
-        value = value.transpose(2, 3, 1, 0)
-      want = tuple(target[flax_leaf].shape)
-      if value.shape != want:
-        got = np.shape(sd[key])
-        torch_want = (want[3], want[2], want[0], want[1]) if len(want) == 4 else want
-        raise CheckpointError(
-            f"head checkpoint key '{key}' has shape {tuple(got)}, expected {torch_want} "
-            "for this model/fusion config")
-      node = params
-      for name in path + ("conv",):
-        node = node.setdefault(name, {})
-      node[flax_leaf] = jnp.asarray(value)
-      used.add(key)
-  unexpected = sorted(set(sd) - used)
-  if unexpected:
-    raise CheckpointError(
-        f"head checkpoint has unexpected key '{unexpected[0]}'"
-        + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-  return params
+          f"head checkpoint was trained with {in_channels // dims[0]} timestep(s) "
+          f"('{agg_key}' takes {in_channels} input channels = {dims[0]} x "
+          f"{in_channels // dims[0]}), but fusion.timesteps has {num_timesteps} "
+          "entries; set fusion.timesteps to the checkpoint's timesteps")
+  return params_from_state_dict(
+      state_dict, abstract_head_params(head), lambda path: torch_key(path, len(dims)),
+      what="Stage II fusion head")
 
 
 def _dummy_features(dims: Sequence[int], num_timesteps: int, batch: int = 1,

@@ -1,0 +1,33 @@
+r"""python -m dmfnet_jax.main --config=configs/fuse.py --workdir=runs/fuse
+
+Fuse image pairs with a trained two-stage model (an Orbax checkpoint holding the
+Stage I UNet and the Stage II head: a Stage II workdir, or the output of
+`python -m dmfnet_jax.tools.import_torch`).
+
+Inputs, first that is set wins:
+  --config.fuse.pairs='a1.png:b1.png,a2.png:b2.png'   explicit pairs (or a text file, one `a b` per line)
+  --config.fuse.dir_a=MRI_DIR --config.fuse.dir_b=OTHER_DIR   two folders matched by file name
+  --config.data.root=ROOT [--config.data.tasks=...] [--config.data.split=test]   dataset layout
+  nothing: the built-in synthetic phantoms (a demo on a fresh machine).
+Outputs go to `config.fuse.output_dir` (default WORKDIR/fused), named after the
+inputs (`<task>/<id>.png` for a dataset): grayscale for MRI-CT, colour for PET/SPECT.
+
+Presets: `:tiny` (the tiny model; use with tiny checkpoints).
+"""
+
+from dmfnet_jax import config_defaults as defaults
+
+
+def get_config(arg=None):
+  preset = arg or "reference"
+  if preset not in ("reference", "tiny"):
+    raise ValueError(f"configs/fuse.py: unknown preset '{preset}' (use 'tiny' or nothing)")
+  config = defaults.base_config(job="fuse")
+  config.checkpoint = ""
+  config.model = defaults.model_config(preset)
+  config.diffusion = defaults.diffusion_config("linear")
+  config.fusion = defaults.fusion_config()
+  config.data = defaults.data_config()
+  config.data.split = "test"
+  config.fuse = defaults.fuse_config()
+  return config

@@ -1,0 +1,36 @@
+r"""python -m dmfnet_jax.main --config=configs/stage2.py --workdir=runs/stage2 --config.stage1_checkpoint=runs/stage1
+
+Stage II: freeze the Stage I UNet, extract its decoder features from copies of
+both sources noised at timesteps 5, 10 and 20 (linear schedule), and train the
+fusion head with the hybrid intensity/gradient/SSIM loss (SPEC.md §2).
+Reference: Adam lr 1e-4, batch 1, 160x160 crops with flips, 300 epochs over the
+689 Harvard training pairs (~206,700 steps).
+
+Presets: `configs/stage2.py:tiny` (the tiny UNet, 64x64 crops) for CPU demos/tests.
+`config.stage1_checkpoint` is a Stage I workdir, an Orbax checkpoint folder, or a
+reference `.pth`. The checkpoints written here hold both stages: point
+`configs/fuse.py`'s `config.checkpoint` at this workdir.
+"""
+
+from dmfnet_jax import config_defaults as defaults
+
+
+def get_config(arg=None):
+  preset = arg or "reference"
+  if preset not in ("reference", "tiny"):
+    raise ValueError(f"configs/stage2.py: unknown preset '{preset}' (use 'tiny' or nothing)")
+  config = defaults.base_config(job="stage2")
+  config.stage1_checkpoint = ""
+  config.model = defaults.model_config(preset)
+  config.diffusion = defaults.diffusion_config("linear")
+  config.fusion = defaults.fusion_config()
+  config.data = defaults.data_config(crop_size=160)
+  config.train = defaults.train_config(
+      num_steps=206_700, batch_size=1, optimizer="adam", learning_rate=1e-4, weight_decay=0.0,
+      checkpoint_every=5000, preview_every=5000)
+  if preset == "tiny":
+    config.data.crop_size = 64
+    config.data.phantom_count = 16
+    config.train.update(num_steps=100, batch_size=2, log_every=10, checkpoint_every=50,
+                        preview_every=50)
+  return config

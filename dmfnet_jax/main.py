@@ -1,0 +1,74 @@
+r"""Entry point: `python -m dmfnet_jax.main --config=configs/<job>.py[:preset] --workdir=DIR`.
+
+Parses the config, starts `jax.distributed` where the environment asks for it,
+logs the devices and hands over to the job the config names. Errors a user can
+cause are printed as one clear message (exit status 2), not a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/stage1.py or configs/stage1.py:tiny.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Folder that owns the run (checkpoints, config.json, metrics, outputs). "
+    "Rerunning with the same workdir resumes. Default: runs/<job>.")
+
+JOBS = {
+    "stage1": "dmfnet_jax.train.stage1",
+    "stage2": "dmfnet_jax.train.stage2",
+    "fuse": "dmfnet_jax.fuse",
+    "evaluate": "dmfnet_jax.evaluate",
+    "demo": "dmfnet_jax.demo",
+}
+
+
+def _enable_compilation_cache() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  cache = os.environ.get("DMFNET_JAX_CACHE", os.path.expanduser("~/.cache/dmfnet_jax/xla"))
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from dmfnet_jax import distributed, validation  # pylint: disable=g-import-not-at-top
+  from dmfnet_jax.errors import DmfnetError  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
+  job = config.get("job")
+  try:
+    if job not in JOBS:
+      raise DmfnetError(f"config.job={job!r}: unknown job; valid: {sorted(JOBS)}")
+    validation.validate(config)
+    distributed.maybe_initialize(config.get("distributed"))
+    _enable_compilation_cache()
+    from dmfnet_jax.train.setup import log_devices  # pylint: disable=g-import-not-at-top
+    log_devices()
+    workdir = _WORKDIR.value or os.path.join("runs", job)
+    logging.info("Job %s, workdir %s", job, workdir)
+    importlib.import_module(JOBS[job]).run(config, workdir)
+  except DmfnetError as err:
+    logging.error("%s", err)
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run() -> None:
+  logging.set_verbosity(logging.INFO)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,170 @@
+"""Stage II: train the fusion head on frozen, noisy-step UNet features (SPEC.md §2)."""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from dmfnet_jax import diffusion, features, imageio, losses
+from dmfnet_jax.data import pipeline
+from dmfnet_jax.errors import CheckpointError, ConfigError
+from dmfnet_jax.models import fusion_head as head_lib
+from dmfnet_jax.models import unet as unet_lib
+from dmfnet_jax.train import checkpointing, setup
+from dmfnet_jax.train import sharding as sharding_lib
+from dmfnet_jax.train import state as state_lib
+from dmfnet_jax.train.loop import LoopSettings, is_chief, run_loop
+from dmfnet_jax.train.stage1 import load_unet_params
+
+HOW_TO_GET_STAGE1 = (
+    "train one with `python -m dmfnet_jax.main --config=configs/stage1.py --workdir=runs/stage1` "
+    "and pass --config.stage1_checkpoint=runs/stage1, or convert the authors' weights with "
+    "`python -m dmfnet_jax.tools.import_torch --stage1=UNET.pth --out=DIR`.")
+
+
+def model_meta(config) -> dict:
+  return {"job": "stage2", "model": config.model.to_dict(), "fusion": config.fusion.to_dict(),
+          "diffusion": config.diffusion.to_dict()}
+
+
+def feature_schedule(config) -> jax.Array:
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
+                                     config.diffusion.linear_start, config.diffusion.linear_end)
+  return jnp.asarray(schedule.sqrt_alphas_cumprod_prev, jnp.float32)
+
+
+def make_fuse_fn(unet, head, sqrt_acp_prev, fusion_cfg):
+  """(unet_params, head_params, a, b, key) -> fused; the whole forward in one graph."""
+  timesteps = tuple(int(t) for t in fusion_cfg.timesteps)
+  feat_scales = tuple(int(s) for s in fusion_cfg.feat_scales)
+
+  def fuse(unet_params, head_params, a, b, key):
+    return features.fuse_images(unet, unet_params, head, head_params, a, b, key, sqrt_acp_prev,
+                                timesteps, feat_scales)
+
+  return fuse
+
+
+def make_train_step(fuse_fn, tx):
+
+  def train_step(state: state_lib.TrainState, unet_params, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    a, b = batch["a"], batch["b"]
+    frozen = jax.lax.stop_gradient(unet_params)
+
+    def loss_fn(params):
+      fused = fuse_fn(frozen, params, a, b, key)
+      total, terms = losses.fusion_loss(fused, a, b)
+      return total, terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, {"loss": loss, **terms}
+
+  return train_step
+
+
+def require_stage1_checkpoint(config) -> str:
+  path = config.get("stage1_checkpoint", "")
+  if not path:
+    raise ConfigError("config.stage1_checkpoint is empty: Stage II needs a trained Stage I UNet; "
+                      + HOW_TO_GET_STAGE1)
+  if not pathlib.Path(path).expanduser().exists():
+    raise CheckpointError(f"config.stage1_checkpoint={path}: does not exist; " + HOW_TO_GET_STAGE1)
+  return path
+
+
+def run(config, workdir: str) -> None:
+  workdir_path = setup.prepare_workdir(config, workdir)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  global_batch = int(config.train.batch_size)
+  sharding_lib.check_batch_divisible(global_batch, mesh)
+  dtype = state_lib.compute_dtype(config.train)
+  unet = unet_lib.unet_from_config(config.model, dtype=dtype)
+  head = head_lib.fusion_head_from_config(config.model, config.fusion, dtype=dtype)
+  sqrt_acp_prev = feature_schedule(config)
+  tx = state_lib.make_optimizer(config.train)
+  root_key = jax.random.PRNGKey(config.seed)
+  crop = int(config.data.crop_size)
+  fuse_fn = make_fuse_fn(unet, head, sqrt_acp_prev, config.fusion)
+  store = checkpointing.CheckpointStore(checkpointing.checkpoint_dir(workdir_path),
+                                        keep=config.train.keep_checkpoints,
+                                        async_save=config.train.async_checkpointing)
+  replicated = sharding_lib.replicated(mesh)
+  abstract_unet = unet_lib.abstract_params(config.model)
+  unet_shardings = sharding_lib.tree_shardings(abstract_unet, mesh)
+
+  def init_params(rng):
+    return head_lib.init_head_params(head, rng, coarsest=crop // 2 ** (len(config.model.channel_mults) - 1))
+
+  init_key = jax.random.fold_in(root_key, 0)
+  abstract_state = jax.eval_shape(
+      lambda r: state_lib.create_state(init_params, tx, r, ema=False), init_key)
+  shardings = state_lib.state_shardings(abstract_state, mesh)
+  abstract_sharded = checkpointing.abstract_with_shardings(abstract_state, shardings)
+
+  dataset = pipeline.make_train_dataset(config.data, stage="stage2", global_batch_size=global_batch,
+                                        seed=config.seed)
+  batches = iter(dataset)
+
+  def initialise():
+    state, _ = state_lib.init_sharded_state(init_params, tx, init_key, mesh, ema=False)
+    return state
+
+  state, start_step, extras = setup.restore_or_initialise(
+      store=store, abstract_state=abstract_sharded, data_iterator=batches,
+      model_groups={"model": config.model, "fusion": config.fusion},
+      initialise=initialise,
+      extra_targets={"unet": checkpointing.abstract_with_shardings(abstract_unet, unet_shardings)})
+  if start_step:
+    unet_params = extras["unet"]
+  else:
+    source = require_stage1_checkpoint(config)
+    logging.info("Loading the frozen Stage I UNet from %s", source)
+    unet_params = jax.device_put(load_unet_params(source, config.model), unet_shardings)
+
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(fuse_fn, tx),
+                       in_shardings=(shardings, unet_shardings, batch_sharding),
+                       out_shardings=(shardings, replicated), donate_argnums=0)
+  step_with_unet = lambda s, batch: train_step(s, unet_params, batch)
+
+  preview_batch = None
+  fuse_jit = jax.jit(fuse_fn)
+
+  def preview(current_state, step):
+    nonlocal preview_batch
+    if preview_batch is None:
+      preview_batch = next(iter(pipeline.make_train_dataset(
+          config.data, stage="stage2", global_batch_size=global_batch, seed=config.seed + 1)))
+    a, b = (jnp.asarray(preview_batch[k][: config.train.preview_count]) for k in ("a", "b"))
+    fused = fuse_jit(unet_params, current_state.params, a, b, jax.random.fold_in(root_key, 3))
+    if is_chief():
+      rows = [np.concatenate([imageio.from_model_range(np.asarray(x)[i, ..., 0])
+                              for x in (a, b, fused)], axis=1) for i in range(a.shape[0])]
+      path = workdir_path / "previews" / f"fused_{step:08d}.png"
+      imageio.write_image_atomic(path, np.concatenate(rows, axis=0))
+      logging.info("Wrote %s", path)
+
+  meta = model_meta(config)
+  result = run_loop(
+      state=state, start_step=start_step, train_step=step_with_unet, batches=batches,
+      to_global=functools.partial(sharding_lib.host_to_global, sharding=batch_sharding),
+      store=store,
+      checkpoint_items=lambda s: {"state": s, "data": batches, "meta": meta, "unet": unet_params},
+      settings=LoopSettings(
+          num_steps=int(config.train.num_steps), log_every=int(config.train.log_every),
+          checkpoint_every=int(config.train.checkpoint_every),
+          preview_every=int(config.train.preview_every), images_per_step=global_batch,
+          stop_on_nonfinite=bool(config.train.stop_on_nonfinite)),
+      workdir=workdir_path, preview=preview)
+  store.close()
+  logging.info("Stage II %s at step %d (loss %.5g); checkpoints in %s", result.stopped_by,
+               result.step, result.last_loss, store.directory)

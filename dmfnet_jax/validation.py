@@ -1,0 +1,110 @@
+"""Start-up checks of a config: every impossible value fails with its key named,
+before anything is compiled or read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dmfnet_jax import config_defaults
+from dmfnet_jax.errors import ConfigError
+
+
+def _need(cond: bool, key: str, value: Any, why: str) -> None:
+  if not cond:
+    raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
+def levels(model_cfg) -> int:
+  return len(model_cfg.channel_mults)
+
+
+def min_multiple(model_cfg) -> int:
+  """H and W must be divisible by this (one halving per level but the last)."""
+  return 2 ** (levels(model_cfg) - 1)
+
+
+def check_input_size(model_cfg, height: int, width: int, what: str, *, fusion: bool = False) -> None:
+  m = min_multiple(model_cfg)
+  for name, size in (("height", height), ("width", width)):
+    if size % m:
+      raise ConfigError(f"{what}: {name} {size} is not a multiple of {m} "
+                        f"(2^(levels-1) with {levels(model_cfg)} levels)")
+    if fusion and size // m < 4:
+      raise ConfigError(f"{what}: {name} {size} is below {4 * m}: the fusion head's 7x7 reflect "
+                        "padding needs the coarsest level to be at least 4 pixels")
+
+
+def validate_model(model_cfg) -> None:
+  c = model_cfg
+  _need(c.inner_channel > 0, "model.inner_channel", c.inner_channel, "must be positive")
+  _need(len(c.channel_mults) >= 1 and all(m > 0 for m in c.channel_mults),
+        "model.channel_mults", list(c.channel_mults), "needs at least one positive multiplier")
+  for m in c.channel_mults:
+    _need((c.inner_channel * m) % c.norm_groups == 0, "model.norm_groups", c.norm_groups,
+          f"must divide every level width (inner_channel*mult = {c.inner_channel * m})")
+  _need(c.inner_channel % 2 == 0, "model.inner_channel", c.inner_channel,
+        "must be even (sin/cos noise-level encoding)")
+  _need(c.res_blocks >= 1, "model.res_blocks", c.res_blocks, "must be at least 1")
+  _need(0.0 <= c.dropout < 1.0, "model.dropout", c.dropout, "must be in [0, 1)")
+  _need(c.image_size > 0, "model.image_size", c.image_size, "must be positive")
+  _need(c.in_channel == 1 and c.out_channel == 1, "model.in_channel/out_channel",
+        (c.in_channel, c.out_channel), "DM-FNet works on single-channel (luma) images")
+
+
+def validate_diffusion(cfg) -> None:
+  _need(cfg.schedule in ("linear", "cosine"), "diffusion.schedule", cfg.schedule,
+        "use 'linear' or 'cosine'")
+  _need(cfg.num_timesteps >= 2, "diffusion.num_timesteps", cfg.num_timesteps, "must be >= 2")
+  _need(0 < cfg.linear_start < cfg.linear_end < 1, "diffusion.linear_start/linear_end",
+        (cfg.linear_start, cfg.linear_end), "need 0 < start < end < 1")
+
+
+def validate_data(cfg, *, need_root: bool = False) -> None:
+  unknown = [t for t in cfg.tasks if t not in config_defaults.TASKS]
+  _need(not unknown, "data.tasks", list(cfg.tasks),
+        f"unknown task(s) {unknown}; valid: {list(config_defaults.TASKS)}")
+  _need(len(cfg.tasks) > 0, "data.tasks", list(cfg.tasks), "name at least one task")
+  if need_root:
+    _need(bool(cfg.root), "data.root", cfg.root, "set it to a dataset folder")
+
+
+def validate_train(cfg, *, stage: str) -> None:
+  _need(cfg.num_steps >= 0, "train.num_steps", cfg.num_steps, "must be >= 0")
+  _need(cfg.batch_size > 0, "train.batch_size", cfg.batch_size, "must be positive")
+  if stage == "stage1":
+    _need(cfg.batch_size % 2 == 0, "train.batch_size", cfg.batch_size,
+          "counts images and each pair gives two, so it must be even")
+  _need(cfg.learning_rate > 0, "train.learning_rate", cfg.learning_rate, "must be positive")
+  _need(cfg.checkpoint_every > 0, "train.checkpoint_every", cfg.checkpoint_every, "must be positive")
+  _need(cfg.log_every > 0, "train.log_every", cfg.log_every, "must be positive")
+  _need(cfg.keep_checkpoints >= 1, "train.keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
+  _need(0.0 <= cfg.ema_decay < 1.0, "train.ema_decay", cfg.ema_decay, "must be in [0, 1)")
+  _need(cfg.preview_every >= 0, "train.preview_every", cfg.preview_every, "must be >= 0")
+  _need(cfg.compute_dtype in ("float32", "bfloat16"), "train.compute_dtype", cfg.compute_dtype,
+        "use 'float32' or 'bfloat16'")
+
+
+def validate_fusion(fusion_cfg, model_cfg) -> None:
+  n = levels(model_cfg) * (model_cfg.res_blocks + 1)
+  bad = [s for s in fusion_cfg.feat_scales if not 0 <= s < n]
+  _need(not bad, "fusion.feat_scales", list(fusion_cfg.feat_scales),
+        f"indices must lie in 0..{n - 1} (decoder blocks of this model)")
+  _need(len(fusion_cfg.timesteps) >= 1, "fusion.timesteps", list(fusion_cfg.timesteps),
+        "name at least one timestep")
+
+
+def validate(config) -> None:
+  """Checks the groups a config has, according to its job."""
+  job = config.get("job")
+  if "model" in config:
+    validate_model(config.model)
+  if "diffusion" in config:
+    validate_diffusion(config.diffusion)
+  if "data" in config and "tasks" in config.data:
+    validate_data(config.data)
+  if job in ("stage1", "stage2") and "train" in config:
+    validate_train(config.train, stage=job)
+    check_input_size(config.model, config.data.crop_size, config.data.crop_size,
+                     "config.data.crop_size", fusion=job == "stage2")
+  if "fusion" in config and "model" in config:
+    validate_fusion(config.fusion, config.model)
