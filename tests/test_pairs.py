@@ -1,0 +1,249 @@
+"""Pair discovery and loading: layouts, formats, and every user error we can name."""
+
+import json
+import re
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dmfnet_jax import imageio
+from dmfnet_jax.data import pairs as pairs_lib
+from dmfnet_jax.errors import DataError, ImageReadError
+
+SIZE = 32
+
+
+def _gray(seed=0, size=SIZE, dtype=np.uint8):
+  rng = np.random.default_rng(seed)
+  high = 256 if dtype == np.uint8 else 65536
+  return rng.integers(0, high, size=(size, size), dtype=np.int64).astype(dtype)
+
+
+def _rgb(seed=0, size=SIZE):
+  return np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+
+
+def _save(path: pathlib.Path, array: np.ndarray, **kwargs) -> pathlib.Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(array).save(path, **kwargs)
+  return path
+
+
+def _make_layout(root, task="MRI-CT", split="train", ids=("001", "002", "003"), rgb=False):
+  modality = task.split("-")[1]
+  for i, pair_id in enumerate(ids):
+    _save(root / task / split / "MRI" / f"{pair_id}.png", _gray(i))
+    other = _rgb(i + 100) if rgb else _gray(i + 100)
+    _save(root / task / split / modality / f"{pair_id}.png", other)
+  return root
+
+
+# ----- dataset layout -----------------------------------------------------------------
+
+
+def test_dataset_pairs_sorted_and_complete(tmp_path):
+  _make_layout(tmp_path, "MRI-CT", ids=("b", "a", "c"))
+  _make_layout(tmp_path, "MRI-PET", ids=("2", "1"), rgb=True)
+  found = pairs_lib.find_dataset_pairs(tmp_path, ["MRI-PET", "MRI-CT"], "train")
+  assert [(p.task, p.pair_id) for p in found] == [
+      ("MRI-PET", "1"), ("MRI-PET", "2"), ("MRI-CT", "a"), ("MRI-CT", "b"), ("MRI-CT", "c")]
+  first = found[0]
+  assert first.modality_b == "PET"
+  assert first.path_a == tmp_path / "MRI-PET" / "train" / "MRI" / "1.png"
+  assert first.path_b == tmp_path / "MRI-PET" / "train" / "PET" / "1.png"
+
+
+def test_dataset_pairs_match_by_stem_across_extensions(tmp_path):
+  _save(tmp_path / "MRI-CT" / "train" / "MRI" / "x.png", _gray())
+  _save(tmp_path / "MRI-CT" / "train" / "CT" / "x.TIF", _gray(1))
+  (tmp_path / "MRI-CT" / "train" / "CT" / "notes.txt").write_text("ignored")
+  (pair,) = pairs_lib.find_dataset_pairs(tmp_path, ["MRI-CT"], "train")
+  assert pair.path_b.name == "x.TIF"
+
+
+@pytest.mark.parametrize("root", ["", None])
+def test_empty_root_string(root):
+  with pytest.raises(DataError, match="no data root"):
+    pairs_lib.find_dataset_pairs(root, ["MRI-CT"], "train")
+
+
+def test_missing_root(tmp_path):
+  with pytest.raises(DataError, match="does_not_exist"):
+    pairs_lib.find_dataset_pairs(tmp_path / "does_not_exist", ["MRI-CT"], "train")
+
+
+def test_empty_root(tmp_path):
+  with pytest.raises(DataError, match="empty"):
+    pairs_lib.find_dataset_pairs(tmp_path, ["MRI-CT"], "train")
+
+
+def test_unknown_task_lists_valid_ones(tmp_path):
+  _make_layout(tmp_path)
+  with pytest.raises(DataError, match="MRI-XR.*MRI-CT, MRI-PET, MRI-SPECT"):
+    pairs_lib.find_dataset_pairs(tmp_path, ["MRI-XR"], "train")
+
+
+def test_missing_task_split_and_modality_folders(tmp_path):
+  _make_layout(tmp_path)
+  with pytest.raises(DataError, match="MRI-PET: task folder missing"):
+    pairs_lib.find_dataset_pairs(tmp_path, ["MRI-PET"], "train")
+  with pytest.raises(DataError, match="split folder 'test' missing"):
+    pairs_lib.find_dataset_pairs(tmp_path, ["MRI-CT"], "test")
+  (tmp_path / "MRI-SPECT" / "train" / "MRI").mkdir(parents=True)
+  with pytest.raises(DataError, match="SPECT: modality folder missing"):
+    pairs_lib.find_dataset_pairs(tmp_path, ["MRI-SPECT"], "train")
+
+
+def test_split_without_images(tmp_path):
+  for folder in ("MRI", "CT"):
+    (tmp_path / "MRI-CT" / "train" / folder).mkdir(parents=True)
+  with pytest.raises(DataError, match="no image pairs"):
+    pairs_lib.find_dataset_pairs(tmp_path, ["MRI-CT"], "train")
+
+
+def test_mri_without_partner(tmp_path):
+  _make_layout(tmp_path)
+  orphan = _save(tmp_path / "MRI-CT" / "train" / "MRI" / "004.png", _gray())
+  with pytest.raises(DataError, match=re.escape(f"{orphan}: no partner")):
+    pairs_lib.find_dataset_pairs(tmp_path, ["MRI-CT"], "train")
+  scan = pairs_lib.find_dataset_pairs(tmp_path, ["MRI-CT"], "train", strict=False)
+  good, problems = scan
+  assert [p.pair_id for p in good] == ["001", "002", "003"]
+  assert len(problems) == 1 and str(orphan) in problems[0]
+
+
+def test_partner_without_mri(tmp_path):
+  _make_layout(tmp_path)
+  orphan = _save(tmp_path / "MRI-CT" / "train" / "CT" / "000.png", _gray())
+  with pytest.raises(DataError, match=re.escape(f"{orphan}: no partner")):
+    pairs_lib.find_dataset_pairs(tmp_path, ["MRI-CT"], "train")
+  scan = pairs_lib.find_dataset_pairs(tmp_path, ["MRI-CT"], "train", strict=False)
+  assert len(scan.pairs) == 3 and str(orphan) in scan.problems[0]
+
+
+def test_ambiguous_stem(tmp_path):
+  _make_layout(tmp_path)
+  _save(tmp_path / "MRI-CT" / "train" / "MRI" / "001.bmp", _gray())
+  with pytest.raises(DataError, match="ambiguous image id '001'"):
+    pairs_lib.find_dataset_pairs(tmp_path, ["MRI-CT"], "train")
+
+
+# ----- plain folders and explicit lists -------------------------------------------------
+
+
+def test_folder_pairs(tmp_path):
+  for name in ("x", "y"):
+    _save(tmp_path / "mri" / f"{name}.png", _gray())
+    _save(tmp_path / "pet" / f"{name}.jpg", _rgb())
+  found = pairs_lib.find_folder_pairs(tmp_path / "mri", tmp_path / "pet", task="MRI-PET")
+  assert [p.pair_id for p in found] == ["x", "y"]
+  assert found[0].modality_b == "PET" and found[0].task == "MRI-PET"
+  _save(tmp_path / "pet" / "z.jpg", _rgb())
+  with pytest.raises(DataError, match="z.jpg: no partner"):
+    pairs_lib.find_folder_pairs(tmp_path / "mri", tmp_path / "pet")
+  scan = pairs_lib.find_folder_pairs(tmp_path / "mri", tmp_path / "pet", strict=False)
+  assert len(scan.pairs) == 2 and len(scan.problems) == 1
+  with pytest.raises(DataError, match="nope"):
+    pairs_lib.find_folder_pairs(tmp_path / "nope", tmp_path / "pet")
+
+
+def test_pairs_from_list(tmp_path):
+  a1 = _save(tmp_path / "a" / "1.png", _gray())
+  b1 = _save(tmp_path / "b" / "1.png", _gray())
+  a2 = _save(tmp_path / "c" / "1.png", _gray())
+  found = pairs_lib.pairs_from_list([(a1, b1), [str(a2), str(b1)]])
+  assert [p.pair_id for p in found] == ["1", "1_2"]
+  assert found[1].path_a == a2
+  with pytest.raises(DataError, match="missing.png"):
+    pairs_lib.pairs_from_list([(a1, tmp_path / "missing.png")])
+  with pytest.raises(DataError, match="item 0"):
+    pairs_lib.pairs_from_list([(a1,)])
+  with pytest.raises(DataError, match="empty"):
+    pairs_lib.pairs_from_list([])
+
+
+# ----- loading --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "suffix, dtype",
+    [(".png", np.uint8), (".png", np.uint16), (".tif", np.uint8), (".tiff", np.uint16),
+     (".bmp", np.uint8)],
+)
+def test_load_lossless_formats(tmp_path, suffix, dtype):
+  a, b = _gray(1, dtype=dtype), _gray(2, dtype=dtype)
+  pair = pairs_lib.pairs_from_list(
+      [(_save(tmp_path / f"a{suffix}", a), _save(tmp_path / f"b{suffix}", b))])[0]
+  loaded = pairs_lib.load_pair(pair)
+  scale = 255.0 if dtype == np.uint8 else 65535.0
+  for got, want in ((loaded.a, a), (loaded.b, b)):
+    assert got.dtype == np.float32 and got.shape == (SIZE, SIZE)
+    np.testing.assert_allclose(got, want / scale * 2 - 1, atol=1e-6)
+  assert loaded.b_raw.dtype == dtype
+  np.testing.assert_array_equal(loaded.b_raw, b)
+
+
+def test_load_jpeg(tmp_path):
+  smooth = np.tile(np.linspace(0, 255, SIZE), (SIZE, 1)).astype(np.uint8)
+  pair = pairs_lib.pairs_from_list([
+      (_save(tmp_path / "a.jpg", smooth, quality=95), _save(tmp_path / "b.jpeg", smooth))])[0]
+  loaded = pairs_lib.load_pair(pair)
+  assert loaded.a.shape == (SIZE, SIZE) and loaded.a.dtype == np.float32
+  assert np.abs((loaded.a + 1) * 127.5 - smooth).max() < 8  # lossy, but close
+  assert -1.0 <= loaded.a.min() and loaded.a.max() <= 1.0
+
+
+def test_rgb_partner_becomes_luma_and_keeps_colour(tmp_path):
+  rgb = _rgb(5)
+  pair = pairs_lib.pairs_from_list(
+      [(_save(tmp_path / "a.png", _gray()), _save(tmp_path / "b.png", rgb))])[0]
+  loaded = pairs_lib.load_pair(pair)
+  np.testing.assert_array_equal(loaded.b_raw, rgb)
+  luma = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+  assert np.abs((loaded.b + 1) * 127.5 - luma).max() <= 0.51 + 1e-4
+  np.testing.assert_allclose(
+      loaded.b, imageio.opencv_luma_uint8(rgb) / 255.0 * 2 - 1, atol=1e-6)
+
+
+def test_size_mismatch_names_both_files(tmp_path):
+  path_a = _save(tmp_path / "a.png", _gray(size=32))
+  path_b = _save(tmp_path / "b.png", _gray(size=24))
+  pair = pairs_lib.pairs_from_list([(path_a, path_b)])[0]
+  with pytest.raises(DataError, match=r"a\.png is 32x32 but .*b\.png is 24x24"):
+    pairs_lib.load_pair(pair)
+
+
+def test_corrupt_image_names_file(tmp_path):
+  good = _save(tmp_path / "a.png", _gray())
+  bad = tmp_path / "b.png"
+  bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+  pair = pairs_lib.pairs_from_list([(good, bad)])[0]
+  with pytest.raises(ImageReadError, match="b.png"):
+    pairs_lib.load_pair(pair)
+
+
+def test_truncated_image_names_file(tmp_path):
+  path = _save(tmp_path / "a.png", _gray(size=64))
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+  pair = pairs_lib.pairs_from_list([(path, _save(tmp_path / "b.png", _gray(size=64)))])[0]
+  with pytest.raises(ImageReadError, match="a.png"):
+    pairs_lib.load_pair(pair)
+
+
+# ----- the real Harvard layout -----------------------------------------------------------
+
+
+def test_harvard_layout_matches_splits(harvard_root):
+  splits = json.loads((harvard_root / "splits.json").read_text())
+  for task in pairs_lib.TASKS:
+    for split in ("train", "test"):
+      found = pairs_lib.find_dataset_pairs(harvard_root, [task], split)
+      assert [p.pair_id for p in found] == sorted(
+          pathlib.Path(name).stem for name in splits[task][split])
+  pet = pairs_lib.find_dataset_pairs(harvard_root, ["MRI-PET"], "test")[0]
+  loaded = pairs_lib.load_pair(pet)
+  assert loaded.a.shape == loaded.b.shape == (256, 256)
+  assert loaded.b_raw.shape == (256, 256, 3)
