@@ -38,12 +38,26 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+class _QuietLibraries:
+  """Drops INFO chatter of checkpointing internals; warnings still show."""
+
+  NOISY = ("/orbax/", "/grain/", "/jax/_src/")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from dmfnet_jax import distributed, validation  # pylint: disable=g-import-not-at-top
   from dmfnet_jax.errors import DmfnetError  # pylint: disable=g-import-not-at-top
 
+  quiet_library_logs()
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")

@@ -214,7 +214,7 @@ def _check_config(data_cfg) -> None:
   crop = data_cfg.crop_size
   if not isinstance(crop, int) or crop <= 0:
     raise ConfigError(f"data.crop_size must be a positive integer, got {crop!r}")
-  if data_cfg.num_workers < 0:
+  if data_cfg.get("num_workers", 0) < 0:
     raise ConfigError(f"data.num_workers must be >= 0, got {data_cfg.num_workers}")
   if not data_cfg.root:
     if data_cfg.phantom_count <= 0:
@@ -265,6 +265,8 @@ def make_train_dataset(
   """
   if stage not in STAGES:
     raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got '{stage}'")
+  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+    raise ConfigError(f"data seed must be a non-negative integer, got {seed!r}")
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
 
@@ -285,11 +287,11 @@ def make_train_dataset(
     )
 
   source = make_source(data_cfg)
-  shard = host_shard(len(source), process_index, process_count)
-  if not shard:
+  if len(source) < process_count:  # checked on every host, so all of them stop
     raise DataError(
         f"{len(source)} training pairs cannot give each of {process_count} processes a record"
     )
+  shard = host_shard(len(source), process_index, process_count)
   dataset = grain.MapDataset.source(source)[shard.start:shard.stop:shard.step]
   dataset = dataset.shuffle(seed=_derived_seed(seed, process_index, 0))
   dataset = dataset.repeat()
@@ -299,16 +301,16 @@ def make_train_dataset(
   )
   if stage == "stage1":
     dataset = dataset.map(PairToImages())
-    dataset = dataset.batch(host_batch // 2, batch_fn=_concatenate_images)
+    dataset = dataset.batch(host_batch // 2, drop_remainder=True, batch_fn=_concatenate_images)
   else:
-    dataset = dataset.batch(host_batch)
+    dataset = dataset.batch(host_batch, drop_remainder=True)
   iter_dataset = dataset.to_iter_dataset(
       grain.ReadOptions(
           num_threads=data_cfg.get("read_threads", 2),
           prefetch_buffer_size=data_cfg.get("prefetch_buffer_size", 4),
       )
   )
-  if data_cfg.num_workers > 0:
+  if data_cfg.get("num_workers", 0) > 0:
     _ensure_absl_flags_parsed()
     iter_dataset = iter_dataset.mp_prefetch(
         grain.MultiprocessingOptions(
