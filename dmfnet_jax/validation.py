@@ -108,3 +108,6 @@ def validate(config) -> None:
                      "config.data.crop_size", fusion=job == "stage2")
   if "fusion" in config and "model" in config:
     validate_fusion(config.fusion, config.model)
+  if job == "demo":
+    for part in ("stage1", "stage2", "fuse"):
+      validate(config[part])

@@ -22,7 +22,7 @@ is a plain renaming: level `i` holds `aggregate` (reference `decoder.<2i>`) and
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax

@@ -1,0 +1,458 @@
+"""The evaluate job: reference metrics of fused images, per image and per task.
+
+`python -m dmfnet_jax.main --config=configs/evaluate.py --workdir=DIR` (see that
+file for the settings). For every source pair of the chosen tasks and split, each
+method's fused image is found (or computed, for a baseline), reduced to the
+evaluator's grayscale and scored with `dmfnet_jax.metrics`; the sources are
+filtered once per pair for all methods, and pairs run on a thread pool.
+
+Bad input never stops the job: a fused image that is missing, unreadable or of
+another size than its sources is logged, listed under "problems" in
+evaluation.json and left out of that method's mean (the per-method count of
+evaluated pairs says how many remain); an unreadable source pair drops out for
+every method. NaN metric values (see `dmfnet_jax.metrics`) are left out of means.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from absl import logging
+
+from dmfnet_jax import baselines, imageio, metrics
+from dmfnet_jax.data import pairs as pairs_lib
+from dmfnet_jax.errors import ConfigError, DataError, ImageReadError
+
+BASELINE_PREFIX = "baseline:"
+SIDE_BY_SIDE_SPLIT = "dmfnet_side_by_side"
+TABLE_METRICS = metrics.METRIC_NAMES
+ALL_METRICS = metrics.ALL_METRIC_NAMES
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One column of the comparison: a folder of fused images or a baseline."""
+
+  name: str
+  folder: Optional[pathlib.Path] = None
+  baseline: Optional[str] = None
+  colour: bool = False  # baselines: score the colourised image instead of the luma
+
+  @property
+  def source(self) -> str:
+    if self.baseline:
+      return BASELINE_PREFIX + self.baseline + (":colour" if self.colour else "")
+    return str(self.folder)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def parse_method(name: str, value: str) -> Method:
+  """'baseline:<name>[:colour]' or a folder path -> Method (ConfigError if invalid)."""
+  value = str(value).strip()
+  key = f"config.evaluate.methods.{name}"
+  if not name:
+    raise ConfigError(f"{key}: method names must not be empty")
+  if value.startswith(BASELINE_PREFIX):
+    parts = value[len(BASELINE_PREFIX):].split(":")
+    base, options = parts[0], parts[1:]
+    if base not in baselines.BASELINES:
+      raise ConfigError(f"{key}={value!r}: unknown baseline '{base}'; valid: "
+                        f"{', '.join(BASELINE_PREFIX + b for b in baselines.BASELINES)}")
+    if options not in ([], ["colour"], ["color"]):
+      raise ConfigError(f"{key}={value!r}: the only baseline option is ':colour'")
+    return Method(name, baseline=base, colour=bool(options))
+  if not value:
+    raise ConfigError(f"{key}: empty; give a folder of fused images or 'baseline:<name>'")
+  folder = pathlib.Path(value).expanduser()
+  if not folder.is_dir():
+    raise ConfigError(f"{key}={value!r}: no such folder of fused images")
+  return Method(name, folder=folder)
+
+
+def parse_methods(methods: Mapping[str, str], extra: str = "") -> List[Method]:
+  """The configured methods in order, then `extra` ('name=value,...') ones."""
+  merged: Dict[str, str] = {str(k): str(v) for k, v in dict(methods or {}).items()}
+  for item in filter(None, (s.strip() for s in str(extra or "").split(","))):
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+      raise ConfigError(f"config.evaluate.extra_methods: '{item}' is not name=value")
+    merged[name.strip()] = value.strip()
+  if not merged:
+    raise ConfigError("config.evaluate.methods: name at least one method")
+  return [parse_method(name, value) for name, value in merged.items()]
+
+
+def side_by_side_ids(root: pathlib.Path, task: str) -> List[str]:
+  """Image ids (file stems) listed under `dmfnet_side_by_side` in ROOT/splits.json."""
+  splits_file = root / "splits.json"
+  try:
+    splits = json.loads(splits_file.read_text())
+  except FileNotFoundError:
+    raise DataError(f"{splits_file}: missing; split '{SIDE_BY_SIDE_SPLIT}' needs it") from None
+  except (OSError, ValueError) as err:
+    raise DataError(f"{splits_file}: cannot read ({err})") from err
+  try:
+    names = splits[task][SIDE_BY_SIDE_SPLIT]
+  except (KeyError, TypeError):
+    raise DataError(f"{splits_file}: no '{task}' -> '{SIDE_BY_SIDE_SPLIT}' list") from None
+  return [pathlib.Path(n).stem for n in names]
+
+
+def find_pairs(root, tasks: Sequence[str], split: str
+               ) -> Tuple[List[pairs_lib.ImagePair], List[str]]:
+  """Source pairs of the split (ordered by task, then id) and scan problems."""
+  root = pathlib.Path(root).expanduser()
+  folder_split = "test" if split == SIDE_BY_SIDE_SPLIT else split
+  scan = pairs_lib.find_dataset_pairs(root, list(tasks), folder_split, strict=False)
+  found, problems = list(scan.pairs), list(scan.problems)
+  if split == SIDE_BY_SIDE_SPLIT:
+    selected = []
+    for task in tasks:
+      by_id = {p.pair_id: p for p in found if p.task == task}
+      for pair_id in side_by_side_ids(root, task):
+        if pair_id in by_id:
+          selected.append(by_id[pair_id])
+        else:
+          problems.append(f"{task}/{pair_id}: listed in splits.json but its sources are missing")
+    found = selected
+  return found, problems
+
+
+def find_fused(folder: pathlib.Path, pair: pairs_lib.ImagePair) -> Optional[pathlib.Path]:
+  """<folder>/<task>/<id>.<ext>, else <folder>/<id>.<ext> (any image extension)."""
+  for base in (folder / pair.task, folder):
+    for ext in imageio.IMAGE_EXTENSIONS:
+      for candidate in (base / f"{pair.pair_id}{ext}", base / f"{pair.pair_id}{ext.upper()}"):
+        if candidate.is_file():
+          return candidate
+  return None
+
+
+# --------------------------------------------------------------------------- per pair
+
+
+def _problem(pair, method: Optional[str], kind: str, message: str, path=None) -> Dict[str, Any]:
+  return {"task": pair.task, "id": pair.pair_id, "method": method, "kind": kind,
+          "path": None if path is None else str(path), "message": message}
+
+
+def evaluate_pair_methods(pair: pairs_lib.ImagePair, methods: Sequence[Method],
+                          montage_path: Optional[pathlib.Path] = None
+                          ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+  """Scores every method on one pair -> (per-image rows, problems)."""
+  problems: List[Dict[str, Any]] = []
+  try:
+    a = imageio.read_image(pair.path_a)
+    b = imageio.read_image(pair.path_b)
+  except ImageReadError as err:
+    return [], [_problem(pair, None, "source_unreadable", str(err))]
+  if a.shape[:2] != b.shape[:2]:
+    return [], [_problem(pair, None, "source_size_mismatch",
+                         f"sources differ in size: {pair.path_a} {a.shape[:2]} vs "
+                         f"{pair.path_b} {b.shape[:2]}")]
+  to_score: Dict[str, np.ndarray] = {}
+  shown: Dict[str, np.ndarray] = {}
+  for method in methods:
+    if method.baseline:
+      luma = baselines.fuse_luma_baseline(method.baseline, a, b)
+      coloured = imageio.colourise(luma, b if b.ndim == 3 else None)
+      to_score[method.name] = coloured if method.colour else luma
+      shown[method.name] = coloured
+      continue
+    path = find_fused(method.folder, pair)
+    if path is None:
+      problems.append(_problem(pair, method.name, "missing",
+                               f"no fused image {pair.task}/{pair.pair_id}.* or "
+                               f"{pair.pair_id}.* in {method.folder}"))
+      continue
+    try:
+      fused = imageio.read_image(path)
+    except ImageReadError as err:
+      problems.append(_problem(pair, method.name, "unreadable", str(err), path))
+      continue
+    if fused.shape[:2] != a.shape[:2]:
+      problems.append(_problem(pair, method.name, "size_mismatch",
+                               f"{path}: size {fused.shape[:2]} differs from the sources' "
+                               f"{a.shape[:2]}", path))
+      continue
+    to_score[method.name] = fused
+    shown[method.name] = fused
+  rows = []
+  if to_score:
+    try:
+      scores = metrics.evaluate_methods(to_score, a, b)
+    except ValueError as err:  # e.g. images below the SSIM window
+      problems.append(_problem(pair, None, "error", f"cannot score this pair: {err}"))
+      scores = {}
+    for method in methods:
+      if method.name in scores:
+        rows.append({"task": pair.task, "id": pair.pair_id, "method": method.name,
+                     **scores[method.name]})
+  if montage_path is not None:
+    from dmfnet_jax import report  # pylint: disable=g-import-not-at-top
+    names = [m.name for m in methods if m.name in shown]
+    report.write_montage(montage_path, [a, b] + [shown[n] for n in names],
+                         ["MRI", pair.modality_b or "B"] + names)
+  return rows, problems
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def format_value(value: float) -> str:
+  """About four significant digits, three decimals below 1 (as SPEC.md §4 prints)."""
+  if value is None or not math.isfinite(value):
+    return "nan" if value is None or math.isnan(value) else ("inf" if value > 0 else "-inf")
+  magnitude = abs(value)
+  if magnitude < 1:
+    return f"{value:.3f}"
+  decimals = max(0, 3 - int(math.floor(math.log10(magnitude))))
+  return f"{value:.{decimals}f}"
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str],
+              methods: Sequence[Method], expected: Mapping[str, int]) -> Dict[str, Any]:
+  """Per task and method: n evaluated, mean/std per metric (NaN values left out)."""
+  per_task: Dict[str, Any] = {}
+  for task in tasks:
+    per_task[task] = {}
+    for method in methods:
+      chosen = [r for r in rows if r["task"] == task and r["method"] == method.name]
+      entry: Dict[str, Any] = {"n": len(chosen), "n_pairs": expected.get(task, 0),
+                               "mean": {}, "std": {}, "nan_count": {}}
+      for name in ALL_METRICS:
+        values = np.array([r[name] for r in chosen], dtype=np.float64)
+        finite = values[~np.isnan(values)]
+        entry["nan_count"][name] = int(values.size - finite.size)
+        entry["mean"][name] = float(finite.mean()) if finite.size else float("nan")
+        entry["std"][name] = float(finite.std(ddof=1)) if finite.size > 1 else (
+            0.0 if finite.size else float("nan"))
+      per_task[task][method.name] = entry
+  return per_task
+
+
+def best_methods(per_task: Mapping[str, Any]) -> Dict[str, Dict[str, List[str]]]:
+  """task -> metric -> names with the highest mean (all table metrics: higher is better)."""
+  best: Dict[str, Dict[str, List[str]]] = {}
+  for task, by_method in per_task.items():
+    best[task] = {}
+    for name in TABLE_METRICS:
+      means = {m: e["mean"][name] for m, e in by_method.items()
+               if e["n"] and math.isfinite(e["mean"][name])}
+      top = max(means.values()) if means else None
+      best[task][name] = [m for m, v in means.items() if v == top]
+  return best
+
+
+def task_table_rows(per_task, best, with_std: bool = True
+                    ) -> Tuple[List[str], List[List[str]], List[Tuple[int, int]]]:
+  """Header, cells and best (row, column) cells of the per-task table."""
+  headers = ["task", "method (n)"] + list(TABLE_METRICS)
+  rows, bold = [], []
+  for task, by_method in per_task.items():
+    for i, (method, entry) in enumerate(by_method.items()):
+      label = f"{method} ({entry['n']}/{entry['n_pairs']})"
+      cells = [task if i == 0 else "", label]
+      for c, name in enumerate(TABLE_METRICS):
+        text = format_value(entry["mean"][name])
+        if with_std and entry["n"] > 1:
+          text += " ± " + format_value(entry["std"][name])
+        cells.append(text)
+        if method in best[task][name]:
+          bold.append((len(rows), c + 2))
+      rows.append(cells)
+  return headers, rows, bold
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
+                   bold: Sequence[Tuple[int, int]] = ()) -> str:
+  bold = set(bold)
+  lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+  for r, row in enumerate(rows):
+    cells = [f"**{v}**" if (r, c) in bold and v else str(v) for c, v in enumerate(row)]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def per_image_table(rows: Sequence[Mapping[str, Any]]
+                    ) -> Tuple[List[str], List[List[str]]]:
+  headers = ["task", "id", "method"] + list(ALL_METRICS)
+  return headers, [[r["task"], r["id"], r["method"]] + [format_value(r[n]) for n in ALL_METRICS]
+                   for r in rows]
+
+
+def _write_csv(path: pathlib.Path, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(headers)
+    writer.writerows(rows)
+  os.replace(tmp, path)
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(text, encoding="utf-8")
+  os.replace(tmp, path)
+
+
+def _json_safe(value):
+  """NaN/inf -> None, so evaluation.json is strict JSON."""
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  return value
+
+
+def write_outputs(output_dir: pathlib.Path, result: Mapping[str, Any]) -> Dict[str, str]:
+  """per_image.{csv,md}, per_task.{csv,md} and evaluation.json."""
+  rows, per_task, best = result["per_image"], result["per_task"], result["best"]
+  files = {}
+  headers, cells = per_image_table(rows)
+  _write_csv(output_dir / "per_image.csv", headers,
+             [[r["task"], r["id"], r["method"]] + [repr(float(r[n])) for n in ALL_METRICS]
+              for r in rows])
+  _write_text(output_dir / "per_image.md", markdown_table(headers, cells) + "\n")
+  files["per_image_csv"] = str(output_dir / "per_image.csv")
+  files["per_image_md"] = str(output_dir / "per_image.md")
+  task_headers = ["task", "method", "n", "n_pairs"]
+  for name in ALL_METRICS:
+    task_headers += [f"{name}_mean", f"{name}_std"]
+  task_headers.append("best_metrics")
+  task_rows = []
+  for task, by_method in per_task.items():
+    for method, entry in by_method.items():
+      cells_ = [task, method, entry["n"], entry["n_pairs"]]
+      for name in ALL_METRICS:
+        cells_ += [repr(entry["mean"][name]), repr(entry["std"][name])]
+      cells_.append(";".join(n for n in TABLE_METRICS if method in best[task][n]))
+      task_rows.append(cells_)
+  _write_csv(output_dir / "per_task.csv", task_headers, task_rows)
+  _write_text(output_dir / "per_task.md", result["markdown"] + "\n")
+  files["per_task_csv"] = str(output_dir / "per_task.csv")
+  files["per_task_md"] = str(output_dir / "per_task.md")
+  _write_text(output_dir / "evaluation.json",
+              json.dumps(_json_safe(dict(result, files=files)), indent=1) + "\n")
+  files["json"] = str(output_dir / "evaluation.json")
+  return files
+
+
+# --------------------------------------------------------------------------- job
+
+
+def evaluate(root, tasks: Sequence[str], split: str, methods: Sequence[Method],
+             num_workers: int = 0, montage_dir: Optional[pathlib.Path] = None
+             ) -> Dict[str, Any]:
+  """Scores `methods` on the split; returns the result dict (nothing written)."""
+  start = time.perf_counter()
+  pairs, scan_problems = find_pairs(root, tasks, split)
+  problems: List[Dict[str, Any]] = [
+      {"task": None, "id": None, "method": None, "kind": "unpaired_source", "path": None,
+       "message": m} for m in scan_problems]
+  workers = num_workers if num_workers and num_workers > 0 else (os.cpu_count() or 1)
+
+  def job(pair):
+    montage = None if montage_dir is None else montage_dir / pair.task / f"{pair.pair_id}.png"
+    return evaluate_pair_methods(pair, methods, montage)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    outcomes = list(pool.map(job, pairs))
+  rows = [row for pair_rows, _ in outcomes for row in pair_rows]
+  for _, pair_problems in outcomes:
+    problems.extend(pair_problems)
+  for p in problems:
+    logging.warning("evaluate: %s%s", f"[{p['method']}] " if p["method"] else "", p["message"])
+  expected = {task: sum(p.task == task for p in pairs) for task in tasks}
+  per_task = summarise(rows, tasks, methods, expected)
+  best = best_methods(per_task)
+  headers, cells, bold = task_table_rows(per_task, best)
+  counts = {m.name: {t: per_task[t][m.name]["n"] for t in tasks} for m in methods}
+  return {
+      "split": split,
+      "data_root": str(root),
+      "tasks": list(tasks),
+      "methods": {m.name: m.source for m in methods},
+      "metrics": list(ALL_METRICS),
+      "higher_is_better": dict(metrics.HIGHER_IS_BETTER),
+      "num_pairs": expected,
+      "counts": counts,
+      "per_task": per_task,
+      "best": best,
+      "per_image": rows,
+      "problems": problems,
+      "markdown": markdown_table(headers, cells, bold),
+      "seconds": round(time.perf_counter() - start, 3),
+  }
+
+
+def _write_report(output_dir: pathlib.Path, result: Mapping[str, Any],
+                  montages: Sequence[Tuple[str, pathlib.Path]]) -> pathlib.Path:
+  from dmfnet_jax import report  # pylint: disable=g-import-not-at-top
+  headers, cells, bold = task_table_rows(result["per_task"], result["best"])
+  sections = [("Per task (mean ± std; best per metric in bold)",
+               report.html_table(headers, cells, bold))]
+  if result["problems"]:
+    sections.append(("Problems (left out of the means)", report.html_table(
+        ["task", "id", "method", "kind", "message"],
+        [[p["task"] or "", p["id"] or "", p["method"] or "", p["kind"], p["message"]]
+         for p in result["problems"]])))
+  image_headers, image_cells = per_image_table(result["per_image"])
+  sections.append(("Per image", "<details><summary>show</summary>" +
+                   report.html_table(image_headers, image_cells) + "</details>"))
+  title = (f"Fusion metrics: {', '.join(result['tasks'])} ({result['split']}), "
+           f"methods {', '.join(result['methods'])}")
+  return report.write_html_report(output_dir / "report.html", title, sections, montages)
+
+
+def run(config, workdir) -> Dict[str, Any]:
+  """The `evaluate` job (see configs/evaluate.py)."""
+  eval_cfg = config.evaluate
+  methods = parse_methods(eval_cfg.methods, eval_cfg.get("extra_methods", ""))
+  root = str(config.data.root or "")
+  if not root:
+    raise ConfigError("config.data.root: empty; set it to a dataset folder")
+  tasks = list(config.data.tasks)
+  split = str(config.data.split or "test")
+  output_dir = pathlib.Path(eval_cfg.get("output_dir") or pathlib.Path(workdir) / "evaluation")
+  try:
+    output_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as err:
+    raise DataError(f"config.evaluate.output_dir={output_dir}: cannot create ({err})") from err
+  montage_dir = output_dir / "montages" if eval_cfg.get("report", False) else None
+  logging.info("Evaluating %s on %s (%s, split %s) -> %s", ", ".join(m.name for m in methods),
+               root, ", ".join(tasks), split, output_dir)
+  result = evaluate(root, tasks, split, methods, int(eval_cfg.get("num_workers", 0) or 0),
+                    montage_dir)
+  if montage_dir is not None:
+    limit = int(eval_cfg.get("report_max_pairs", 0) or 0)
+    seen = []
+    for row in result["per_image"]:
+      key = (row["task"], row["id"])
+      if key not in seen:
+        seen.append(key)
+    if limit > 0:
+      seen = seen[:limit]
+    montages = [(f"{task} {pair_id}", montage_dir / task / f"{pair_id}.png")
+                for task, pair_id in seen
+                if (montage_dir / task / f"{pair_id}.png").is_file()]
+    result["report"] = str(_write_report(output_dir, result, montages))
+  result["files"] = write_outputs(output_dir, result)
+  n_total = sum(sum(c.values()) for c in result["counts"].values())
+  print(result["markdown"])
+  print(f"\n{n_total} pair-method scores in {result['seconds']:.1f} s; "
+        f"{len(result['problems'])} problem(s); outputs in {output_dir}")
+  return result
