@@ -9,9 +9,10 @@ contributes (filtered moments, Sobel responses, histogram codes) so that, when m
 fused images share a source pair (several methods) or many pairs share a shape (a
 test split), each source is filtered once and every filter runs on a whole stack.
 The VIF Gaussian windows are outer products, so 'valid' filtering (with the
-scale-change subsampling folded in) is two banded matrix products, which BLAS does
-far faster than a 2-D convolution; flat regions still give exact zeros, which the
-VIF thresholds (`eps = 1e-10`) rely on.
+scale-change subsampling folded in) is two 1-D passes in real space (float64):
+unlike FFT filtering, flat regions still give exact zeros, which the VIF thresholds
+(`eps = 1e-10`) rely on. SSIM and Qabf run in float32 as the reference does on its
+float32 images (their window sums of integer images are exact there).
 
 Degenerate inputs never raise: they give the reference's value where it is finite
 and NaN where the definition divides by zero:
@@ -338,7 +339,8 @@ def _qabf_source(src: _Features, f: _Features) -> np.ndarray:
 
 
 def _qabf(f: _Features, a: _Features, b: _Features) -> np.ndarray:
-  num = _dot_hw(_qabf_source(a, f), a.grad) + _dot_hw(_qabf_source(b, f), b.grad)
+  # float32 per pixel as the reference, float64 sums (stable across stack shapes).
+  num = _sum_hw(_qabf_source(a, f) * a.grad + _qabf_source(b, f) * b.grad)
   den = np.broadcast_to(_sum_hw(a.grad) + _sum_hw(b.grad), num.shape)
   with np.errstate(divide="ignore", invalid="ignore"):
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
