@@ -19,7 +19,10 @@ REFERENCE_MODEL = dict(
     attn_res=(16,),
     res_blocks=2,
     dropout=0.2,
-    image_size=160,
+    # 256 reproduces the reference's 21,984,641 parameters: the attention rule
+    # compares attn_res with image_size halved per level, so level 4 (256/16)
+    # attends. It is a structural hyper-parameter, not the input size.
+    image_size=256,
     with_noise_level_emb=True,
 )
 

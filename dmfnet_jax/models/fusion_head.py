@@ -149,11 +149,48 @@ class CrossModalAttention(nn.Module):
         [jnp.mean(s, axis=-1, keepdims=True), jnp.max(s, axis=-1, keepdims=True)], axis=-1)
     sa = _Conv(1, 7, reflect=True, dtype=self.dtype, name="sa")(stats)
     p1 = ca + sa
-    # Pixel attention: channels interleaved [s_0, p1_0, s_1, p1_1, ...], grouped conv.
-    pair = jnp.stack([s, jnp.broadcast_to(p1, s.shape)], axis=-1)
-    pair = pair.reshape(s.shape[:-1] + (2 * self.dim,))
-    logits = _Conv(self.dim, 3, groups=self.dim, reflect=True, dtype=self.dtype, name="pa")(pair)
+    # Pixel attention: a grouped 3x3 conv over the interleaved channels
+    # [s_0, p1_0, s_1, p1_1, ...] (groups = dim), i.e. output c sees only s_c and p1_c.
+    logits = _PixelAttention(self.dim, dtype=self.dtype, name="pa")(
+        s, jnp.broadcast_to(p1, s.shape))
     return s * jax.nn.sigmoid(logits)
+
+
+class _PixelAttention(nn.Module):
+  """Holds the grouped conv's parameters under `conv` (kernel (3, 3, 2, dim), as a
+  grouped `nn.Conv` would); see `_PairGroupedConv3x3` for why it is not one."""
+  dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, s, p1):
+    return _PairGroupedConv3x3(self.dim, dtype=self.dtype, name="conv")(s, p1)
+
+
+class _PairGroupedConv3x3(nn.Module):
+  """Reflect-padded 3x3 conv with groups=dim over pairs (s_c, p1_c).
+
+  Written as nine shifted multiply-adds: XLA's CPU kernel-gradient of a grouped
+  convolution is ~70x slower than this (1.7 s vs 0.02 s at 64x64x32), and the
+  arithmetic is identical.
+  """
+  dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, s, p1):
+    kernel = self.param("kernel", _KERNEL_INIT, (3, 3, 2, self.dim), jnp.float32)
+    bias = self.param("bias", _BIAS_INIT, (self.dim,), jnp.float32)
+    kernel = kernel.astype(self.dtype)
+    s_pad = _reflect_pad(s.astype(self.dtype), 1)
+    p_pad = _reflect_pad(p1.astype(self.dtype), 1)
+    height, width = s.shape[1], s.shape[2]
+    out = bias.astype(self.dtype)
+    for i in range(3):
+      for j in range(3):
+        out = out + (s_pad[:, i:i + height, j:j + width] * kernel[i, j, 0]
+                     + p_pad[:, i:i + height, j:j + width] * kernel[i, j, 1])
+    return out
 
 
 class FusionHead(nn.Module):

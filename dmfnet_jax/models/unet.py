@@ -7,7 +7,8 @@ lists (resnet blocks and samplers interleaved), a resnet block holds `block1`,
 
 Reference quirks kept on purpose (see SPEC.md §1):
   * attention is decided by comparing `attn_res` with `image_size` halved per level,
-    not with the actual feature size, so at image_size 160 only the middle has it;
+    not with the actual feature size (image_size 256: level 4 and the middle attend;
+    image_size 160: only the middle);
   * the decoder feature list is REVERSED (index 0 = last full-resolution block).
 """
 
@@ -43,7 +44,7 @@ MODEL_DEFAULTS = dict(
     attn_res=(16,),
     res_blocks=2,
     dropout=0.2,
-    image_size=160,
+    image_size=256,
     with_noise_level_emb=True,
 )
 
@@ -241,7 +242,7 @@ class UNet(nn.Module):
   attn_res: Sequence[int] = (16,)
   res_blocks: int = 2
   dropout: float = 0.2
-  image_size: int = 160
+  image_size: int = 256
   with_noise_level_emb: bool = True
   dtype: Dtype = jnp.float32
 
