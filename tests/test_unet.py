@@ -41,7 +41,8 @@ def test_attention_follows_image_size_quirk():
     return ([i for i, l in enumerate(downs) if l.with_attn],
             [i for i, l in enumerate(ups) if l.with_attn])
 
-  assert attention_layers(None) == ([], [])  # 160, 80, 40, 20, 10: never 16
+  assert attention_layers(dict(image_size=160)) == ([], [])  # 160, 80, 40, 20, 10: never 16
+  assert attention_layers(None) == ([12, 13], [0, 1, 2])  # 256 halves to 16 at level 4
   assert attention_layers(TINY) == ([6, 7], [8, 9, 10])  # level 2 of 64 is 16
   params = unet_lib.abstract_params(None)
   assert "attn" in params["mid_0"] and "attn" not in params["mid_1"]
