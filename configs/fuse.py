@@ -20,8 +20,8 @@ from dmfnet_jax import config_defaults as defaults
 
 def get_config(arg=None):
   preset = arg or "reference"
-  if preset not in ("reference", "tiny"):
-    raise ValueError(f"configs/fuse.py: unknown preset '{preset}' (use 'tiny' or nothing)")
+  if preset not in ("reference", "tiny", "cpu"):
+    raise ValueError(f"configs/fuse.py: unknown preset '{preset}' (use 'tiny', 'cpu' or nothing)")
   config = defaults.base_config(job="fuse")
   config.checkpoint = ""
   config.model = defaults.model_config(preset)

@@ -5,7 +5,8 @@ medical images (SPEC.md §1). Reference hyper-parameters: 160x160 crops, batch o
 one pair (2 images), AdamW lr 1e-5, cosine schedule with T=2000, ~630k steps.
 
 Presets (`--config=configs/stage1.py:tiny`): `tiny` is a CPU-sized model (32
-inner channels, 64x64 crops) for demos and tests. Data: `--config.data.root=`
+inner channels, 64x64 crops) for demos and tests; `cpu` is the recipe of the
+shipped model (32 inner channels, Harvard train split, a few CPU hours). Data: `--config.data.root=`
 a folder in the Harvard layout (empty = built-in synthetic phantoms).
 """
 
@@ -14,8 +15,8 @@ from dmfnet_jax import config_defaults as defaults
 
 def get_config(arg=None):
   preset = arg or "reference"
-  if preset not in ("reference", "tiny"):
-    raise ValueError(f"configs/stage1.py: unknown preset '{preset}' (use 'tiny' or nothing)")
+  if preset not in ("reference", "tiny", "cpu"):
+    raise ValueError(f"configs/stage1.py: unknown preset '{preset}' (use 'tiny', 'cpu' or nothing)")
   config = defaults.base_config(job="stage1")
   config.model = defaults.model_config(preset)
   config.diffusion = defaults.diffusion_config("cosine")
@@ -28,4 +29,11 @@ def get_config(arg=None):
     config.train.update(num_steps=200, batch_size=4, learning_rate=2e-4, log_every=10,
                         checkpoint_every=100, preview_every=100, preview_count=2)
     config.train.preview_steps = 50
+  if preset == "cpu":
+    from dmfnet_jax import paths  # pylint: disable=g-import-not-at-top
+    config.data.root = str(paths.harvard_root())
+    config.data.crop_size = 64
+    config.train.update(num_steps=2500, batch_size=8, learning_rate=1e-4, log_every=50,
+                        checkpoint_every=250, preview_every=1250, preview_count=4,
+                        preview_steps=100)
   return config

@@ -6,7 +6,8 @@ fusion head with the hybrid intensity/gradient/SSIM loss (SPEC.md §2).
 Reference: Adam lr 1e-4, batch 1, 160x160 crops with flips, 300 epochs over the
 689 Harvard training pairs (~206,700 steps).
 
-Presets: `configs/stage2.py:tiny` (the tiny UNet, 64x64 crops) for CPU demos/tests.
+Presets: `configs/stage2.py:tiny` (the tiny UNet, 64x64 crops) for CPU demos/tests;
+`cpu`: the recipe of the shipped model (Harvard train split, 96x96 crops).
 `config.stage1_checkpoint` is a Stage I workdir, an Orbax checkpoint folder, or a
 reference `.pth`. The checkpoints written here hold both stages: point
 `configs/fuse.py`'s `config.checkpoint` at this workdir.
@@ -17,8 +18,8 @@ from dmfnet_jax import config_defaults as defaults
 
 def get_config(arg=None):
   preset = arg or "reference"
-  if preset not in ("reference", "tiny"):
-    raise ValueError(f"configs/stage2.py: unknown preset '{preset}' (use 'tiny' or nothing)")
+  if preset not in ("reference", "tiny", "cpu"):
+    raise ValueError(f"configs/stage2.py: unknown preset '{preset}' (use 'tiny', 'cpu' or nothing)")
   config = defaults.base_config(job="stage2")
   config.stage1_checkpoint = ""
   config.model = defaults.model_config(preset)
@@ -33,4 +34,10 @@ def get_config(arg=None):
     config.data.phantom_count = 16
     config.train.update(num_steps=100, batch_size=2, log_every=10, checkpoint_every=50,
                         preview_every=50)
+  if preset == "cpu":
+    from dmfnet_jax import paths  # pylint: disable=g-import-not-at-top
+    config.data.root = str(paths.harvard_root())
+    config.data.crop_size = 96
+    config.train.update(num_steps=4000, batch_size=2, log_every=50, checkpoint_every=250,
+                        preview_every=1000)
   return config

@@ -1,0 +1,53 @@
+"""Stage II training: frozen Stage I, checkpoints holding both stages, clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dmfnet_jax.errors import CheckpointError, ConfigError
+from dmfnet_jax.train import checkpointing, stage2
+from conftest import micro_config
+
+
+def test_run_trains_head_and_keeps_unet_frozen(micro_stage1_workdir, micro_stage2_workdir):
+  store = checkpointing.CheckpointStore(micro_stage2_workdir / "checkpoints", read_only=True)
+  assert store.all_steps() == [2]
+  assert sorted(store.item_names_at(2)) == ["data", "meta", "state", "unet"]
+  meta = store.read_meta(2)
+  assert meta["job"] == "stage2" and meta["fusion"]["feat_scales"] == [1, 3]
+  frozen = store.restore(2, {"unet": None})["unet"]
+  s1 = checkpointing.CheckpointStore(micro_stage1_workdir / "checkpoints", read_only=True)
+  original = s1.restore(s1.latest_step(), {"state": None})["state"]["params"]
+  np.testing.assert_array_equal(frozen["init_conv"]["kernel"], original["init_conv"]["kernel"])
+  losses = [json.loads(l) for l in (micro_stage2_workdir / "metrics.jsonl").read_text().splitlines()]
+  assert {"loss", "loss_in", "loss_grad", "ssim_term"} <= set(losses[-1])
+  assert all(np.isfinite(m["loss"]) for m in losses)
+
+
+def test_resume_keeps_the_frozen_unet(micro_stage2_workdir, tmp_path):
+  import shutil
+  workdir = tmp_path / "w"
+  shutil.copytree(micro_stage2_workdir, workdir)
+  config = micro_config("stage2", num_steps=3, checkpoint_every=1)
+  config.stage1_checkpoint = ""  # not needed when the workdir has a checkpoint
+  stage2.run(config, str(workdir))
+  store = checkpointing.CheckpointStore(workdir / "checkpoints", read_only=True)
+  assert store.latest_step() == 3
+
+
+def test_missing_stage1_checkpoint_says_how_to_make_one(tmp_path):
+  config = micro_config("stage2")
+  with pytest.raises(ConfigError, match="configs/stage1.py"):
+    stage2.run(config, str(tmp_path / "a"))
+  config.stage1_checkpoint = str(tmp_path / "missing")
+  with pytest.raises(CheckpointError, match="does not exist"):
+    stage2.run(config, str(tmp_path / "b"))
+
+
+def test_stage1_checkpoint_of_another_shape_is_refused(micro_stage1_workdir, tmp_path):
+  config = micro_config("stage2")
+  config.model.inner_channel = 8
+  config.stage1_checkpoint = str(micro_stage1_workdir)
+  with pytest.raises(CheckpointError, match="inner_channel"):
+    stage2.run(config, str(tmp_path))
