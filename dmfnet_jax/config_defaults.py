@@ -49,10 +49,9 @@ def base_config(job: str) -> ml_collections.ConfigDict:
 
 def model_config(preset: str = "reference") -> ml_collections.ConfigDict:
   values = {"reference": REFERENCE_MODEL, "tiny": TINY_MODEL, "cpu": CPU_MODEL}[preset]
-  cfg = ml_collections.ConfigDict(dict(values))
-  cfg.channel_mults = list(cfg.channel_mults)
-  cfg.attn_res = list(cfg.attn_res)
-  return cfg
+  # Sequences are tuples: ml_collections can override tuples from the command line
+  # (--config.model.channel_mults='(1,2,2)'), not lists.
+  return ml_collections.ConfigDict(dict(values))
 
 
 def diffusion_config(schedule: str) -> ml_collections.ConfigDict:
@@ -64,8 +63,8 @@ def diffusion_config(schedule: str) -> ml_collections.ConfigDict:
 def fusion_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
       dict(
-          feat_scales=[2, 5, 8, 11, 14],
-          timesteps=[5, 10, 20],
+          feat_scales=(2, 5, 8, 11, 14),
+          timesteps=(5, 10, 20),
           # Reference quirk: with one timestep the aggregation block is skipped.
           skip_aggregation_for_single_timestep=True,
       ))
@@ -73,9 +72,10 @@ def fusion_config() -> ml_collections.ConfigDict:
 
 def data_config(crop_size: int = 160) -> ml_collections.ConfigDict:
   from dmfnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  cfg = pipeline.default_data_config()
-  cfg.crop_size = crop_size
-  return cfg
+  values = pipeline.default_data_config().to_dict()
+  values.update(crop_size=crop_size, tasks=tuple(values["tasks"]))
+  # Tuples, not lists: --config.data.tasks='("MRI-CT",)' works on the command line.
+  return ml_collections.ConfigDict(values)
 
 
 def mesh_config() -> ml_collections.ConfigDict:

@@ -79,9 +79,28 @@ def main(argv) -> None:
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl flag parsing, with config override mistakes reported as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError) as err:
+    key = str(err).strip("\"'")
+    overrides = [a.split("=")[0].lstrip("-") for a in argv[1:] if a.startswith("--config.")]
+    culprit = next((o for o in overrides if o.split(".")[-1] == key), None) or key
+    print(f"error: {culprit}: unknown config key (see the config file for the valid keys)",
+          file=sys.stderr)
+    sys.exit(2)
+  except (TypeError, ValueError) as err:
+    print(f"error: bad config override: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run() -> None:
   logging.set_verbosity(logging.INFO)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

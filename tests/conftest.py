@@ -57,9 +57,9 @@ def metrics_vectors_root() -> pathlib.Path:
 # --------------------------------------------------------------------------- micro configs
 # The smallest model that still has every part (two levels, attention, a head):
 # training-loop, fuse and CLI tests use it so each compiles in seconds.
-MICRO_MODEL = dict(inner_channel=16, norm_groups=4, channel_mults=[1, 2], res_blocks=1,
-                   image_size=32, attn_res=[16], dropout=0.0)
-MICRO_FEAT_SCALES = [1, 3]
+MICRO_MODEL = dict(inner_channel=16, norm_groups=4, channel_mults=(1, 2), res_blocks=1,
+                   image_size=32, attn_res=(16,), dropout=0.0)
+MICRO_FEAT_SCALES = (1, 3)
 
 
 def load_config(name: str, preset=None):

@@ -110,7 +110,7 @@ def test_bad_inputs_are_reported_and_left_out(tiny_dataset, tmp_path, capsys):
   root, fused = tiny_dataset
   _, config = _config()
   config.data.root = str(root)
-  config.data.tasks = ["MRI-CT"]
+  config.data.tasks = ("MRI-CT",)
   config.evaluate.methods = {"mine": str(fused), "max": "baseline:max"}
   config.evaluate.report = False
   config.evaluate.output_dir = str(tmp_path / "out")

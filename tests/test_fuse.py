@@ -30,7 +30,7 @@ def dataset(tmp_path_factory):
 
 def test_fuses_a_dataset_keeping_colour(micro_stage2_workdir, dataset, tmp_path):
   config = fuse_config(micro_stage2_workdir)
-  config.data.update(root=str(dataset), tasks=["MRI-CT", "MRI-PET"], split="test")
+  config.data.update(root=str(dataset), tasks=("MRI-CT", "MRI-PET"), split="test")
   fuse.run(config, str(tmp_path))
   summary = json.loads((tmp_path / "fuse_summary.json").read_text())
   assert summary["fused"] == 4 and summary["skipped"] == 0

@@ -1,0 +1,41 @@
+"""Start-up config checks name the key and the problem."""
+
+import pytest
+
+from dmfnet_jax import validation
+from dmfnet_jax.errors import ConfigError
+from conftest import load_config
+
+
+@pytest.mark.parametrize("name", ["stage1", "stage2", "fuse", "evaluate", "demo"])
+@pytest.mark.parametrize("preset", [None, "tiny"])
+def test_shipped_configs_validate(name, preset):
+  if name in ("evaluate", "demo") and preset:
+    pytest.skip("no tiny preset")
+  validation.validate(load_config(name, preset))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.norm_groups", 7, "norm_groups"),
+    ("model.channel_mults", [], "channel_mults"),
+    ("model.dropout", 1.5, "dropout"),
+    ("train.learning_rate", 0.0, "learning_rate"),
+    ("train.checkpoint_every", 0, "checkpoint_every"),
+    ("train.compute_dtype", "float16", "compute_dtype"),
+    ("data.crop_size", 72, "crop_size"),
+    ("diffusion.schedule", "quadratic", "schedule"),
+    ("fusion.feat_scales", [2, 99], "feat_scales"),
+])
+def test_impossible_values_name_their_key(key, value, message):
+  config = load_config("stage2", "tiny")
+  group, name = key.split(".")
+  config[group][name] = value
+  with pytest.raises(ConfigError, match=message):
+    validation.validate(config)
+
+
+def test_stage2_crop_too_small_for_reflect_padding():
+  config = load_config("stage2", "tiny")
+  config.data.crop_size = 32  # 5 levels: coarsest 2 px < 4
+  with pytest.raises(ConfigError, match="reflect"):
+    validation.validate(config)
