@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import time
 from typing import Any, Mapping, Optional, Sequence
 
 import grain
@@ -23,6 +24,18 @@ from absl import logging
 from dmfnet_jax.errors import CheckpointError
 
 ITEM_NAMES = ("state", "data", "meta", "unet", "params")
+
+# Test hook (tests/test_fault_tolerance.py): seconds each async save waits after its
+# items are written but before its temporary folder is renamed to the step, so a
+# test can kill a save in progress deterministically. Unset in normal use.
+SAVE_DELAY_ENV = "DMFNET_TEST_SAVE_DELAY"
+
+
+def _async_options() -> Optional[ocp.AsyncOptions]:
+  delay = float(os.environ.get(SAVE_DELAY_ENV) or 0)
+  if delay <= 0:
+    return None
+  return ocp.AsyncOptions(post_finalization_callback=lambda: time.sleep(delay))
 
 
 def _restore_arg(name: str, target: Any):
@@ -55,6 +68,7 @@ class CheckpointStore:
         create=not read_only,
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
+        async_options=_async_options() if async_save and not read_only else None,
     )
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
