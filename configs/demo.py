@@ -25,6 +25,8 @@ def get_config(arg=None):
   from dmfnet_jax import config_defaults as defaults
 
   config = defaults.base_config(job="demo")
+  # The tiny recipe with the shipped model's structure (image_size 256: attention
+  # only at the 16x16 level), which stays cheap when fusing 256x256 images.
   stage1 = _load("stage1").get_config("tiny")
   stage1.train.update(num_steps=40, log_every=10, checkpoint_every=40, preview_every=40,
                       preview_count=2, preview_steps=50)
@@ -34,5 +36,6 @@ def get_config(arg=None):
   fuse.fuse.phantom_count = 6
   for sub in (stage1, stage2, fuse):
     sub.data.phantom_count = 12
+    sub.model = defaults.model_config("cpu")
   config.stage1, config.stage2, config.fuse = stage1, stage2, fuse
   return config

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -257,8 +258,7 @@ def test_diverging_loss_on_the_command_line_is_one_line_and_keeps_a_save_in_flig
   assert not temporary_dirs(workdir)
   store = checkpointing.CheckpointStore(workdir / "checkpoints", read_only=True)
   state = store.restore(1, {"state": None})["state"]
-  assert all(np.isfinite(np.asarray(leaf)).all() for leaf in
-             __import__("jax").tree.leaves(state["params"]))
+  assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state["params"]))
 
 
 # --------------------------------------------------------------------------- damaged checkpoints
@@ -277,8 +277,12 @@ def _delete_state_data(step_dir: pathlib.Path) -> None:
     shutil.rmtree(path)
 
 
-@pytest.mark.parametrize("damage", [_garble_state, _delete_state_data],
-                         ids=["garbled_state", "deleted_state_data"])
+def _garble_meta(step_dir: pathlib.Path) -> None:
+  (step_dir / "meta" / "metadata").write_text('{"job": "stage1", "mod')
+
+
+@pytest.mark.parametrize("damage", [_garble_state, _delete_state_data, _garble_meta],
+                         ids=["garbled_state", "deleted_state_data", "garbled_meta"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, damage,
                                                                    caplog):
   shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
@@ -292,8 +296,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp
   with caplog.at_level("WARNING"):
     stage1.run(config, str(tmp_path))
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-  assert any("step 12" in w and "cannot be restored" in w for w in warnings), warnings
+  assert any("step 12" in w and "trying the previous one" in w for w in warnings), warnings
   assert not temporary_dirs(tmp_path)
+  # The damaged step is kept for inspection under a name Orbax does not take for a step.
+  set_aside = list((tmp_path / "checkpoints").glob(f"12{checkpointing.DAMAGED_MARK}*"))
+  assert len(set_aside) == 1 and (set_aside[0] / "state").is_dir()
   assert complete_steps(tmp_path) == [6, 9, 12]
   # Resumed from step 9: steps 10..12 were trained again, with the reference's losses.
   resumed = last_loss_per_step(tmp_path)

@@ -5,7 +5,8 @@ Each step directory holds the items `state` (the train state pytree), `data`
 (JSON: job, model/fusion/diffusion config) and, for Stage II, `unet` (the frozen
 Stage I parameters, so one checkpoint holds both stages). Orbax writes a step into
 a temporary directory and renames it when complete, so a killed save never shows
-up as a step; a step that exists but fails to restore is skipped with a warning.
+up as a step; a step that exists but fails to restore is skipped with a warning
+and renamed `<step>.damaged-<time>`, so the resumed run can write that step again.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ from absl import logging
 from dmfnet_jax.errors import CheckpointError
 
 ITEM_NAMES = ("state", "data", "meta", "unet", "params")
+DAMAGED_MARK = ".damaged-"  # `12.damaged-<time>`: a step set aside (not a step for Orbax)
 
 # Test hook (tests/test_fault_tolerance.py): seconds each async save waits after its
 # items are written but before its temporary folder is renamed to the step, so a
 # test can kill a save in progress deterministically. Unset in normal use.
 SAVE_DELAY_ENV = "DMFNET_TEST_SAVE_DELAY"
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A step's files cannot be read (damage, not a mismatch with the config)."""
 
 
 def _async_options() -> Optional[ocp.AsyncOptions]:
@@ -60,6 +66,7 @@ class CheckpointStore:
   def __init__(self, directory: os.PathLike | str, *, keep: int = 3,
                async_save: bool = True, read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
+    self.read_only = read_only
     if read_only and not self.directory.is_dir():
       raise CheckpointError(f"{self.directory}: no such checkpoint directory")
     options = ocp.CheckpointManagerOptions(
@@ -96,7 +103,7 @@ class CheckpointStore:
     try:
       return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-      raise CheckpointError(f"{path}: cannot read checkpoint metadata ({err})") from err
+      raise DamagedCheckpointError(f"{path}: cannot read checkpoint metadata ({err})") from err
 
   def restore(self, step: int, targets: Mapping[str, Any]) -> dict:
     """Restores the named items at `step`; `targets` maps item -> abstract target
@@ -111,18 +118,47 @@ class CheckpointStore:
 
     `targets_fn(step)` gives the targets for that step (it may raise CheckpointError
     for a mismatch with the config, which is NOT skipped: it is the user's error).
+    Skipped steps are renamed `<step>.damaged-<time>` (kept for inspection) so the
+    resumed run can write those steps again and they are never taken as the latest.
     """
+    damaged = []
     for step in reversed(self.all_steps()):
-      targets = targets_fn(step)
       try:
-        return step, self.restore(step, targets)
+        restored = self.restore(step, targets_fn(step))
+      except DamagedCheckpointError as err:
+        logging.warning("Checkpoint step %d in %s is damaged (%s); trying the previous one.",
+                        step, self.directory, err)
       except CheckpointError:
         raise
       except Exception as err:  # a damaged step: fall back to the previous one
         logging.warning("Checkpoint step %d in %s cannot be restored (%s: %s); "
                         "trying the previous one.", step, self.directory,
                         type(err).__name__, err)
+      else:
+        self._set_aside(damaged)
+        return step, restored
+      damaged.append(step)
+    self._set_aside(damaged)
     return None, None
+
+  def _set_aside(self, steps: Sequence[int]) -> None:
+    if not steps or self.read_only:
+      return
+    if jax.process_index() == 0:
+      stamp = time.strftime("%Y%m%dT%H%M%S")
+      for step in steps:
+        source = self.directory / str(step)
+        target = self.directory / f"{step}{DAMAGED_MARK}{stamp}"
+        try:
+          os.replace(source, target)
+        except OSError as err:
+          raise CheckpointError(f"{source}: cannot be restored nor moved aside ({err}); "
+                                "move or delete it, then rerun") from err
+        logging.warning("Moved the damaged checkpoint step %d aside to %s.", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("dmfnet_checkpoint_set_aside")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

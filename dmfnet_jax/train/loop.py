@@ -116,7 +116,9 @@ def run_loop(*, state: Any, start_step: int, train_step: Callable, batches: Iter
   """Runs `train_step` from `start_step` to `settings.num_steps`."""
   metrics_writer = MetricsWriter(workdir)
   step = start_step
-  last_saved = store.latest_step()
+  # The step this run started from, not the store's newest: a newer step that failed
+  # to restore was set aside, and this run must write that step again.
+  last_saved = start_step if start_step in store.all_steps() else None
   last_loss = math.nan
   progress = None
   if is_chief():
@@ -144,41 +146,52 @@ def run_loop(*, state: Any, start_step: int, train_step: Callable, batches: Iter
 
   stopped_by = "done"
   window_start, window_steps = time.perf_counter(), 0
-  with PreemptionWatcher() as preemption:
-    while step < settings.num_steps:
-      batch = to_global(next(batches))
-      state, metrics = train_step(state, batch)
-      step += 1
-      window_steps += 1
-      if progress is not None:
-        progress.update(1)
-      is_log = step % settings.log_every == 0 or step == settings.num_steps
-      is_save = step % settings.checkpoint_every == 0 or step == settings.num_steps
-      preempted = preemption.requested(step)
-      if is_log or is_save or preempted:
-        last_loss = _to_float(metrics["loss"])
-        check_finite(last_loss)
-      if is_log:
-        elapsed = time.perf_counter() - window_start
-        rate = window_steps / elapsed if elapsed > 0 else float("nan")
-        record = {"step": step, "steps_per_sec": rate,
-                  "images_per_sec": rate * settings.images_per_step,
-                  **{k: _to_float(v) for k, v in metrics.items()}}
-        metrics_writer.write(record)
-        if is_chief():
-          logging.info("step %d: %s", step, " ".join(
-              f"{k}={v:.5g}" for k, v in record.items() if k != "step"))
-          if progress is not None:
-            progress.set_postfix(loss=f"{last_loss:.4g}", img_s=f"{rate * settings.images_per_step:.3g}")
-        window_start, window_steps = time.perf_counter(), 0
-      if is_save or preempted:
-        save(state)
-      if preempted:
-        stopped_by = "preempted"
-        break
-      if preview is not None and settings.preview_every and step % settings.preview_every == 0:
-        preview(state, step)
+  try:
+    with PreemptionWatcher() as preemption:
+      while step < settings.num_steps:
+        batch = to_global(next(batches))
+        state, metrics = train_step(state, batch)
+        step += 1
+        window_steps += 1
+        if progress is not None:
+          progress.update(1)
+        is_log = step % settings.log_every == 0 or step == settings.num_steps
+        is_save = step % settings.checkpoint_every == 0 or step == settings.num_steps
+        preempted = preemption.requested(step)
+        if is_log or is_save or preempted:
+          last_loss = _to_float(metrics["loss"])
+          check_finite(last_loss)
+        if is_log:
+          elapsed = time.perf_counter() - window_start
+          rate = window_steps / elapsed if elapsed > 0 else float("nan")
+          record = {"step": step, "steps_per_sec": rate,
+                    "images_per_sec": rate * settings.images_per_step,
+                    **{k: _to_float(v) for k, v in metrics.items()}}
+          metrics_writer.write(record)
+          if is_chief():
+            logging.info("step %d: %s", step, " ".join(
+                f"{k}={v:.5g}" for k, v in record.items() if k != "step"))
+            if progress is not None:
+              progress.set_postfix(loss=f"{last_loss:.4g}",
+                                   img_s=f"{rate * settings.images_per_step:.3g}")
+          window_start, window_steps = time.perf_counter(), 0
+        if is_save or preempted:
+          save(state)
+        if preempted:
+          stopped_by = "preempted"
+          break
+        if preview is not None and settings.preview_every and step % settings.preview_every == 0:
+          preview(state, step)
+  except BaseException:
+    # A stop by error (a diverged loss included) must not abandon an async save in
+    # flight: it holds the last good checkpoint the error message points to.
+    try:
+      store.wait()
+    except Exception as err:  # pylint: disable=broad-except
+      logging.error("The checkpoint save in flight failed: %s", err)
+    raise
+  finally:
+    if progress is not None:
+      progress.close()
   store.wait()
-  if progress is not None:
-    progress.close()
   return LoopResult(state=state, step=step, stopped_by=stopped_by, last_loss=last_loss)
