@@ -10,6 +10,7 @@ gradients through gloo, so several CPU hosts (or processes on one) train togethe
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -95,6 +96,27 @@ def enable_cpu_collectives() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
+def _check_port_free(address: str, port: int) -> None:
+  """Process 0 serves the coordinator on `[::]:port`; JAX may crash (not raise)
+  when that port is taken, so look first."""
+  families = [(socket.AF_INET, "0.0.0.0")] + ([(socket.AF_INET6, "::")] if socket.has_ipv6 else [])
+  for family, any_host in families:
+    try:
+      probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:  # the family is not available here
+      continue
+    with probe:
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      try:
+        probe.bind((any_host, port))
+      except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+          raise ConfigError(
+              f"config.distributed.coordinator_address={address!r}: port {port} is in use on "
+              "this machine (process 0 serves the coordinator there); choose a free port"
+          ) from None
+
+
 def maybe_initialize(dist_cfg) -> None:
   """Starts `jax.distributed` when config or environment ask for it (before any
   other JAX call that touches devices); a second call is a no-op."""
@@ -106,13 +128,15 @@ def maybe_initialize(dist_cfg) -> None:
     logging.info("jax.distributed is already initialised; using it.")
     return
   if kwargs:
-    host, _ = split_address(kwargs["coordinator_address"], "coordinator_address")
+    host, port = split_address(kwargs["coordinator_address"], "coordinator_address")
     try:
       socket.getaddrinfo(host, None)
     except OSError as err:
       raise ConfigError(
           f"config.distributed.coordinator_address={kwargs['coordinator_address']!r}: "
           f"cannot resolve host {host!r} ({err})") from None
+    if kwargs["process_id"] == 0:
+      _check_port_free(kwargs["coordinator_address"], port)
   enable_cpu_collectives()
   logging.info("Initialising jax.distributed with %s", kwargs or "the cluster's environment")
   try:

@@ -197,6 +197,7 @@ def test_sigkill_mid_step_and_mid_save_resume_from_last_complete_checkpoint(refe
   training = run_training(workdir)
   assert resumed_from(training.log()) == [second_good]
   assert not temporary_dirs(workdir)
+  assert not list((workdir / "checkpoints").glob(f"*{checkpointing.DAMAGED_MARK}*"))
   assert complete_steps(workdir) == [6, 9, 12]
   assert_same_losses(workdir, reference)
 
