@@ -23,9 +23,18 @@ _ON = (True, "on", "always", "yes")
 _OFF = (False, "off", "never", "no")
 
 
+def _on_cloud_tpu_vm() -> bool:
+  """A Cloud TPU VM (`gcloud compute tpus tpu-vm create`): TPU device files or the
+  variables its runtime sets. JAX then finds the slice through the metadata server,
+  and `jax.distributed.initialize()` is harmless on a single-host slice."""
+  return bool(os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("TPU_WORKER_ID")) or \
+      os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio") and os.path.exists("/dev/vfio/0")
+
+
 def _cluster_detected() -> bool:
   return bool(os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1) or \
-      bool(os.environ.get("TPU_WORKER_HOSTNAMES") and "," in os.environ["TPU_WORKER_HOSTNAMES"])
+      bool(os.environ.get("TPU_WORKER_HOSTNAMES") and "," in os.environ["TPU_WORKER_HOSTNAMES"]) or \
+      _on_cloud_tpu_vm()
 
 
 def _get(dist_cfg, key: str, default):

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import pathlib
 import tempfile
 import time
 import zlib
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ from absl import logging
 from dmfnet_jax import features, imageio
 from dmfnet_jax.data import pairs as pairs_lib
 from dmfnet_jax.data import phantoms
-from dmfnet_jax.errors import CheckpointError, ConfigError, DataError, DmfnetError
+from dmfnet_jax.errors import CheckpointError, ConfigError, DmfnetError
 from dmfnet_jax.models import fusion_head as head_lib
 from dmfnet_jax.models import unet as unet_lib
 from dmfnet_jax.train import checkpointing, setup

@@ -177,8 +177,10 @@ def write_image_atomic(path: PathLike, image: np.ndarray) -> pathlib.Path:
 
   A crash mid-write never leaves a truncated image under the final name.
   """
-  path = pathlib.Path(path)
   image = np.asarray(image)
+  if "://" in os.fspath(path):  # an object store (gs://...): whole-object writes are atomic
+    return _write_remote(os.fspath(path), image)
+  path = pathlib.Path(path)
   if image.dtype != np.uint8:
     raise ValueError(f"{path}: expected uint8 pixels, got {image.dtype}")
   try:
@@ -206,6 +208,18 @@ def write_image_atomic(path: PathLike, image: np.ndarray) -> pathlib.Path:
       os.unlink(tmp)
     raise
   return path
+
+
+def _write_remote(path: str, image: np.ndarray):
+  import io  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  fmt = "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"
+  Image.fromarray(image.astype(np.uint8)).save(buffer, format=fmt)
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(buffer.getvalue())
+  return target
 
 
 def image_size(path: PathLike) -> Tuple[int, int]:

@@ -10,7 +10,6 @@ a single process can restore.
 
 import json
 import os
-import pathlib
 import re
 import signal
 import socket

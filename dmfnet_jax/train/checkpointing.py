@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+
+from etils import epath
 import time
 from typing import Any, Mapping, Optional, Sequence
 
@@ -65,7 +67,7 @@ class CheckpointStore:
 
   def __init__(self, directory: os.PathLike | str, *, keep: int = 3,
                async_save: bool = True, read_only: bool = False):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = as_path(directory)
     self.read_only = read_only
     if read_only and not self.directory.is_dir():
       raise CheckpointError(f"{self.directory}: no such checkpoint directory")
@@ -150,7 +152,7 @@ class CheckpointStore:
         source = self.directory / str(step)
         target = self.directory / f"{step}{DAMAGED_MARK}{stamp}"
         try:
-          os.replace(source, target)
+          source.rename(target)
         except OSError as err:
           raise CheckpointError(f"{source}: cannot be restored nor moved aside ({err}); "
                                 "move or delete it, then rerun") from err
@@ -168,13 +170,26 @@ class CheckpointStore:
     self.manager.close()
 
 
-def checkpoint_dir(workdir: os.PathLike | str) -> pathlib.Path:
-  return pathlib.Path(workdir) / "checkpoints"
+def as_path(path: os.PathLike | str) -> epath.Path:
+  """Local paths made absolute; `gs://` and other remote paths kept as they are
+  (Orbax and etils write to them directly)."""
+  text = os.fspath(path)
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(pathlib.Path(text).expanduser().absolute())
 
 
-def resolve_checkpoint_path(path: os.PathLike | str) -> pathlib.Path:
+def is_local(path: os.PathLike | str) -> bool:
+  return "://" not in os.fspath(path)
+
+
+def checkpoint_dir(workdir: os.PathLike | str) -> epath.Path:
+  return as_path(workdir) / "checkpoints"
+
+
+def resolve_checkpoint_path(path: os.PathLike | str) -> epath.Path:
   """A workdir, its `checkpoints/` folder, or one step folder -> the manager folder."""
-  path = pathlib.Path(path).expanduser()
+  path = as_path(path)
   if not path.exists():
     raise CheckpointError(f"{path}: checkpoint path does not exist")
   if (path / "checkpoints").is_dir():

@@ -18,11 +18,12 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
+from etils import epath
 import numpy as np
 from absl import logging
 
 from dmfnet_jax.errors import DmfnetError
-from dmfnet_jax.train.checkpointing import CheckpointStore
+from dmfnet_jax.train.checkpointing import CheckpointStore, as_path, is_local
 
 
 class TrainingDiverged(DmfnetError):
@@ -34,24 +35,41 @@ def is_chief() -> bool:
 
 
 def write_json_atomic(path: os.PathLike | str, payload: Any) -> None:
+  """Local files via a temporary file and a rename; object stores (gs://) write
+  whole objects, which is atomic there."""
+  text = json.dumps(payload, indent=2, sort_keys=True, default=str)
+  if not is_local(path):
+    epath.Path(os.fspath(path)).write_text(text)
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+  tmp.write_text(text)
   os.replace(tmp, path)
 
 
 class MetricsWriter:
-  """Appends one JSON line per logged step to `workdir/metrics.jsonl` (chief only)."""
+  """One JSON line per logged step in `workdir/metrics.jsonl` (chief only).
+
+  Local files are appended to; an object store cannot append, so there the file
+  is rewritten whole (it stays small: one line per logged step)."""
 
   def __init__(self, workdir: os.PathLike | str):
-    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self.path = as_path(workdir) / "metrics.jsonl"
+    self._lines = None
 
   def write(self, record: Mapping[str, Any]) -> None:
     if not is_chief():
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record, default=float) + "\n")
+    line = json.dumps(record, default=float) + "\n"
+    if is_local(self.path):
+      with open(os.fspath(self.path), "a") as f:
+        f.write(line)
+      return
+    if self._lines is None:
+      self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+    self._lines.append(line)
+    self.path.write_text("".join(self._lines))
 
 
 class PreemptionWatcher:
@@ -71,14 +89,19 @@ class PreemptionWatcher:
     self._event.set()
 
   def requested(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      try:
-        if multihost_utils.reached_preemption_sync_point(step):
-          return True
-      except RuntimeError:  # no preemption service in this runtime
-        pass
-    return self._event.is_set()
+    """True on every process at the same step once any process was told to stop
+    (a SIGTERM reaches hosts at different moments; a lone host stopping would
+    leave the others waiting in the next collective)."""
+    if jax.process_count() == 1:
+      return self._event.is_set()
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      if multihost_utils.reached_preemption_sync_point(step):
+        return True
+    except RuntimeError:  # no preemption service in this runtime
+      pass
+    flags = multihost_utils.process_allgather(np.asarray(self._event.is_set(), np.int32))
+    return bool(np.any(flags))
 
   def __exit__(self, *exc):
     if self._previous is not None:

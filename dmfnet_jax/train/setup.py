@@ -3,7 +3,6 @@ workdir checkpoint > configured checkpoint > from scratch."""
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -14,8 +13,9 @@ from dmfnet_jax.train import checkpointing
 from dmfnet_jax.train.loop import is_chief, write_json_atomic
 
 
-def prepare_workdir(config, workdir: str) -> pathlib.Path:
-  path = pathlib.Path(workdir)
+def prepare_workdir(config, workdir: str):
+  """The workdir as a path (local, or gs:// on Cloud TPU); created, with config.json."""
+  path = checkpointing.as_path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as err:
