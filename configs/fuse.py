@@ -12,18 +12,24 @@ Inputs, first that is set wins:
 Outputs go to `config.fuse.output_dir` (default WORKDIR/fused), named after the
 inputs (`<task>/<id>.png` for a dataset): grayscale for MRI-CT, colour for PET/SPECT.
 
-Presets: `:tiny` (the tiny model; use with tiny checkpoints).
+Model: by default the model this project trained on the Harvard training split and
+ships in the package (`dmfnet_jax/weights/`, see MODEL_CARD.md), so this command
+fuses out of the box. `--config.checkpoint=DIR` picks another two-stage checkpoint;
+its model must match the preset: `:reference` (the paper's model, e.g. imported
+weights), `:tiny`, or `:cpu` (the shipped model's structure, the default).
 """
 
 from dmfnet_jax import config_defaults as defaults
+from dmfnet_jax import paths
 
 
 def get_config(arg=None):
-  preset = arg or "reference"
+  preset = arg or "cpu"
   if preset not in ("reference", "tiny", "cpu"):
-    raise ValueError(f"configs/fuse.py: unknown preset '{preset}' (use 'tiny', 'cpu' or nothing)")
+    raise ValueError(
+        f"configs/fuse.py: unknown preset '{preset}' (use 'reference', 'tiny', 'cpu' or nothing)")
   config = defaults.base_config(job="fuse")
-  config.checkpoint = ""
+  config.checkpoint = str(paths.shipped_model_dir()) if preset == "cpu" else ""
   config.model = defaults.model_config(preset)
   config.diffusion = defaults.diffusion_config("linear")
   config.fusion = defaults.fusion_config()

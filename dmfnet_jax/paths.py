@@ -34,3 +34,8 @@ def parity_root() -> pathlib.Path:
 
 def metrics_vectors_root() -> pathlib.Path:
   return shared_root() / "metrics"
+
+
+def shipped_model_dir() -> pathlib.Path:
+  """The two-stage checkpoint this project trained and ships (MODEL_CARD.md)."""
+  return pathlib.Path(__file__).resolve().parent / "weights" / "dmfnet_cpu_harvard"

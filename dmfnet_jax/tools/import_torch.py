@@ -1,11 +1,11 @@
 r"""Convert the authors' PyTorch checkpoints into one Orbax checkpoint.
 
   python -m dmfnet_jax.tools.import_torch --stage1=UNET.pth --stage2=HEAD.pth \
-      --config=configs/fuse.py[:tiny] --out=DIR
+      --config=configs/fuse.py:reference --out=DIR
 
 `--stage1` is a Stage I checkpoint (the diffusion wrapper's state_dict with keys
 under `denoise_fn.`, or bare UNet keys); `--stage2` the fusion head's state_dict.
-The result loads with `configs/fuse.py --config.checkpoint=DIR`; with `--stage1`
+The result loads with `configs/fuse.py:reference --config.checkpoint=DIR`; with `--stage1`
 alone it serves as `configs/stage2.py --config.stage1_checkpoint=DIR`.
 """
 
@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/fuse.py", "Config whose model/fusion groups describe the checkpoints.")
+    "config", "configs/fuse.py:reference", "Config whose model/fusion groups describe the checkpoints.")
 _STAGE1 = flags.DEFINE_string("stage1", None, "Reference Stage I (UNet) .pth.")
 _STAGE2 = flags.DEFINE_string("stage2", None, "Reference Stage II (fusion head) .pth.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (an Orbax checkpoint manager folder).")
