@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import ml_collections
 
-# Reference hyper-parameters (SPEC.md §1).
-REFERENCE_MODEL = dict(
-    in_channel=1,
-    out_channel=1,
-    inner_channel=128,
-    norm_groups=32,
-    channel_mults=(1, 1, 1, 1, 2),
-    attn_res=(16,),
-    res_blocks=2,
-    dropout=0.2,
-    # 256 reproduces the reference's 21,984,641 parameters: the attention rule
-    # compares attn_res with image_size halved per level, so level 4 (256/16)
-    # attends. It is a structural hyper-parameter, not the input size.
-    image_size=256,
-    with_noise_level_emb=True,
-)
+from dmfnet_jax.models import unet as unet_lib
+
+# Reference hyper-parameters (SPEC.md §1), as the UNet's defaults. Note image_size
+# 256: it reproduces the reference's 21,984,641 parameters, because the attention
+# rule compares attn_res with image_size halved per level, so level 4 (256/16)
+# attends. It is a structural hyper-parameter, not the input size.
+REFERENCE_MODEL = dict(unet_lib.MODEL_DEFAULTS)
 
 # CPU-sized model; the parity vectors' "tiny" configuration.
 TINY_MODEL = dict(REFERENCE_MODEL, inner_channel=32, norm_groups=8, image_size=64)

@@ -82,8 +82,8 @@ def load_fusion_model(config) -> FusionModel:
   unet_abstract = unet_lib.abstract_params(config.model)
   head = head_lib.fusion_head_from_config(config.model, config.fusion)
   head_abstract = head_lib.abstract_head_params(head)
-  unet_params = _conform(unet_params, unet_abstract, f"{where} (Stage I UNet)")
-  head_params = _conform(head_params, head_abstract, f"{where} (Stage II head)")
+  unet_params = checkpointing.conform_params(unet_params, unet_abstract, f"{where} (Stage I UNet)")
+  head_params = checkpointing.conform_params(head_params, head_abstract, f"{where} (Stage II head)")
   return FusionModel(config=config, unet_params=unet_params, head_params=head_params)
 
 
@@ -97,19 +97,6 @@ def _check_fusion_meta(meta: dict, config, where) -> None:
   if problems:
     raise CheckpointError(f"{where} does not match the config:\n  " + "\n  ".join(problems)
                           + "\nUse the config the model was trained with (e.g. the :tiny preset).")
-
-
-def _conform(params, abstract, where: str):
-  flat_p = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  flat_a = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
-  problems = [f"missing {k}" for k in sorted(set(flat_a) - set(flat_p))]
-  problems += [f"unexpected {k}" for k in sorted(set(flat_p) - set(flat_a))]
-  problems += [f"{k}: shape {tuple(flat_p[k].shape)}, config expects {tuple(flat_a[k].shape)}"
-               for k in sorted(set(flat_a) & set(flat_p))
-               if tuple(flat_p[k].shape) != tuple(flat_a[k].shape)]
-  if problems:
-    raise CheckpointError(f"{where}: parameters do not match the config: " + "; ".join(problems[:6]))
-  return jax.tree.map(lambda p, a: jnp.asarray(p, a.dtype), params, abstract)
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -231,3 +231,19 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       tree, shardings)
+
+
+def conform_params(params: Any, abstract: Any, where: str) -> Any:
+  """Checks restored parameters against the config's shapes (naming every missing,
+  unexpected or mis-shaped leaf) and casts them to the config's dtypes."""
+  flat_p = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  flat_a = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+  problems = [f"missing {k}" for k in sorted(set(flat_a) - set(flat_p))]
+  problems += [f"unexpected {k}" for k in sorted(set(flat_p) - set(flat_a))]
+  problems += [f"{k}: shape {tuple(flat_p[k].shape)}, config expects {tuple(flat_a[k].shape)}"
+               for k in sorted(set(flat_a) & set(flat_p))
+               if tuple(flat_p[k].shape) != tuple(flat_a[k].shape)]
+  if problems:
+    raise CheckpointError(f"{where}: parameters do not match the model config: "
+                          + "; ".join(problems[:6]))
+  return jax.tree.map(lambda p, a: jax.numpy.asarray(p, a.dtype), params, abstract)

@@ -104,21 +104,7 @@ def load_unet_params(path: str, model_cfg) -> Any:
     params = store.restore(step, {"params": None})["params"]["unet"]
   else:
     raise CheckpointError(f"{store.directory / str(step)}: holds no Stage I parameters")
-  _check_tree(params, abstract, f"{store.directory / str(step)}")
-  return jax.tree.map(lambda a, ref: jnp.asarray(a, ref.dtype), params, abstract)
-
-
-def _check_tree(params, abstract, where: str) -> None:
-  flat_p = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  flat_a = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
-  missing = sorted(set(flat_a) - set(flat_p))
-  extra = sorted(set(flat_p) - set(flat_a))
-  wrong = [f"{k}: {tuple(flat_p[k].shape)} vs {tuple(flat_a[k].shape)}"
-           for k in sorted(set(flat_a) & set(flat_p)) if tuple(flat_p[k].shape) != tuple(flat_a[k].shape)]
-  if missing or extra or wrong:
-    raise CheckpointError(
-        f"{where}: parameters do not match the model config "
-        f"(missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes {wrong[:5]})")
+  return checkpointing.conform_params(params, abstract, f"{store.directory / str(step)}")
 
 
 def run(config, workdir: str) -> None:
