@@ -28,12 +28,12 @@ def get_config(arg=None):
   # The tiny recipe with the shipped model's structure (image_size 256: attention
   # only at the 16x16 level), which stays cheap when fusing 256x256 images.
   stage1 = _load("stage1").get_config("tiny")
-  stage1.train.update(num_steps=40, log_every=10, checkpoint_every=40, preview_every=40,
+  stage1.train.update(num_steps=30, log_every=10, checkpoint_every=30, preview_every=30,
                       preview_count=2, preview_steps=50)
   stage2 = _load("stage2").get_config("tiny")
-  stage2.train.update(num_steps=30, log_every=10, checkpoint_every=30, preview_every=30)
+  stage2.train.update(num_steps=20, log_every=10, checkpoint_every=20, preview_every=20)
   fuse = _load("fuse").get_config("tiny")
-  fuse.fuse.phantom_count = 6
+  fuse.fuse.phantom_count = 2  # per task
   for sub in (stage1, stage2, fuse):
     sub.data.phantom_count = 12
     sub.model = defaults.model_config("cpu")

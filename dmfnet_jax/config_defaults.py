@@ -120,5 +120,5 @@ def fuse_config() -> ml_collections.ConfigDict:
           batch_size=4,
           compute_dtype="float32",
           overwrite=True,
-          phantom_count=6,  # pairs fused when no input is given
+          phantom_count=6,  # phantom pairs per task fused when no input is given
       ))

@@ -93,3 +93,15 @@ def test_bfloat16_compute_tracks_float32(trained, tmp_path):
   dtypes = {str(x.dtype) for x in jax.tree.leaves((state["params"], state["opt_state"]))
             if hasattr(x, "dtype") and x.ndim > 0}
   assert dtypes == {"float32"}
+
+
+def test_ema_of_parameters_is_kept_and_used(tmp_path):
+  config = micro_config("stage1", num_steps=2, checkpoint_every=2)
+  config.train.ema_decay = 0.5
+  stage1.run(config, str(tmp_path))
+  store = checkpointing.CheckpointStore(tmp_path / "checkpoints", read_only=True)
+  state = store.restore(2, {"state": None})["state"]
+  ema, params = state["ema_params"]["init_conv"]["kernel"], state["params"]["init_conv"]["kernel"]
+  assert ema.shape == params.shape and not np.allclose(ema, params)
+  loaded = stage1.load_unet_params(str(tmp_path), config.model)
+  np.testing.assert_allclose(loaded["init_conv"]["kernel"], ema)
