@@ -1,6 +1,6 @@
 r"""Export a trained two-stage model: both stages' parameters, nothing else.
 
-  python -m dmfnet_jax.tools.export_model --checkpoint=runs/stage2 --out=DIR [--step=N]
+  python -m dmfnet_jax.tools.export_model --checkpoint=runs/stage2 --out=DIR
 
 Reads a Stage II workdir (or its checkpoint folder / one step folder), drops the
 optimizer state and data-iterator position, and writes a compact Orbax checkpoint
@@ -16,8 +16,6 @@ import sys
 
 from absl import app, flags
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Stage II workdir or checkpoint folder.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (must not exist or be empty).")
 
 
 def export(checkpoint: str, out: str, extra_meta: dict | None = None) -> pathlib.Path:
@@ -59,5 +57,14 @@ def main(argv) -> None:
   print(f"Wrote {out}")
 
 
+def _define_flags() -> None:
+  """Flags are defined only when run as a program, so importing this module (tests,
+  other tools) never clashes with another tool's flags."""
+  global _CHECKPOINT, _OUT
+  _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Stage II workdir or checkpoint folder.")
+  _OUT = flags.DEFINE_string("out", None, "Output folder (must not exist or be empty).")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

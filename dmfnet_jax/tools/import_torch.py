@@ -17,11 +17,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/fuse.py:reference", "Config whose model/fusion groups describe the checkpoints.")
-_STAGE1 = flags.DEFINE_string("stage1", None, "Reference Stage I (UNet) .pth.")
-_STAGE2 = flags.DEFINE_string("stage2", None, "Reference Stage II (fusion head) .pth.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (an Orbax checkpoint manager folder).")
 
 
 def convert(config, stage1: str, stage2: str | None, out: str) -> pathlib.Path:
@@ -68,5 +63,17 @@ def main(argv) -> None:
   print(f"Wrote {out}")
 
 
+def _define_flags() -> None:
+  """Flags are defined only when run as a program, so importing this module (tests,
+  other tools) never clashes with another tool's flags."""
+  global _CONFIG, _STAGE1, _STAGE2, _OUT
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", "configs/fuse.py:reference", "Config whose model/fusion groups describe the checkpoints.")
+  _STAGE1 = flags.DEFINE_string("stage1", None, "Reference Stage I (UNet) .pth.")
+  _STAGE2 = flags.DEFINE_string("stage2", None, "Reference Stage II (fusion head) .pth.")
+  _OUT = flags.DEFINE_string("out", None, "Output folder (an Orbax checkpoint manager folder).")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
