@@ -52,6 +52,8 @@ def main():
     for batch in (int(b) for b in args.batches.split(",")):
       a = rng.uniform(-1, 1, (batch, args.size, args.size, 1)).astype(np.float32)
       keys = jnp.stack([jax.random.PRNGKey(i) for i in range(batch)])
+      cost = model._fuse.lower(model.unet_params, model.head_params, a, a, keys).cost_analysis()  # pylint: disable=protected-access
+      gflop_per_pair = float(cost.get("flops", float("nan"))) / 1e9 / batch
       t0 = time.perf_counter()
       model(a, a, keys)
       first = time.perf_counter() - t0
@@ -62,7 +64,8 @@ def main():
         times.append(time.perf_counter() - t0)
       per_call = float(np.median(times))
       results.append(dict(preset=preset, batch=batch, size=args.size, dtype=args.dtype,
-                          first_call_s=round(first, 2), seconds_per_pair=round(per_call / batch, 3),
+                          first_call_s=round(first, 2), gflop_per_pair=round(gflop_per_pair, 1),
+                          gflop_per_s=round(gflop_per_pair * batch / per_call, 1), seconds_per_pair=round(per_call / batch, 3),
                           pairs_per_s=round(batch / per_call, 3),
                           peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
       print(json.dumps(results[-1]), file=sys.stderr)
