@@ -8,6 +8,7 @@ Inputs, first that is set wins:
   --config.fuse.pairs='a1.png:b1.png,a2.png:b2.png'   explicit pairs (or a text file, one `a b` per line)
   --config.fuse.dir_a=MRI_DIR --config.fuse.dir_b=OTHER_DIR   two folders matched by file name
   --config.data.root=ROOT [--config.data.tasks=...] [--config.data.split=test]   dataset layout
+      (split: a folder name, or `dmfnet_side_by_side`: the test ids ROOT/splits.json lists)
   nothing: the built-in synthetic phantoms (a demo on a fresh machine).
 Outputs go to `config.fuse.output_dir` (default WORKDIR/fused), named after the
 inputs (`<task>/<id>.png` for a dataset): grayscale for MRI-CT, colour for PET/SPECT.

@@ -33,7 +33,7 @@ from dmfnet_jax.data import pairs as pairs_lib
 from dmfnet_jax.errors import ConfigError, DataError, ImageReadError
 
 BASELINE_PREFIX = "baseline:"
-SIDE_BY_SIDE_SPLIT = "dmfnet_side_by_side"
+SIDE_BY_SIDE_SPLIT = pairs_lib.SIDE_BY_SIDE_SPLIT
 TABLE_METRICS = metrics.METRIC_NAMES
 ALL_METRICS = metrics.ALL_METRIC_NAMES
 
@@ -91,42 +91,6 @@ def parse_methods(methods: Mapping[str, str], extra: str = "") -> List[Method]:
   if not merged:
     raise ConfigError("config.evaluate.methods: name at least one method")
   return [parse_method(name, value) for name, value in merged.items()]
-
-
-def side_by_side_ids(root: pathlib.Path, task: str) -> List[str]:
-  """Image ids (file stems) listed under `dmfnet_side_by_side` in ROOT/splits.json."""
-  splits_file = root / "splits.json"
-  try:
-    splits = json.loads(splits_file.read_text())
-  except FileNotFoundError:
-    raise DataError(f"{splits_file}: missing; split '{SIDE_BY_SIDE_SPLIT}' needs it") from None
-  except (OSError, ValueError) as err:
-    raise DataError(f"{splits_file}: cannot read ({err})") from err
-  try:
-    names = splits[task][SIDE_BY_SIDE_SPLIT]
-  except (KeyError, TypeError):
-    raise DataError(f"{splits_file}: no '{task}' -> '{SIDE_BY_SIDE_SPLIT}' list") from None
-  return [pathlib.Path(n).stem for n in names]
-
-
-def find_pairs(root, tasks: Sequence[str], split: str
-               ) -> Tuple[List[pairs_lib.ImagePair], List[str]]:
-  """Source pairs of the split (ordered by task, then id) and scan problems."""
-  root = pathlib.Path(root).expanduser()
-  folder_split = "test" if split == SIDE_BY_SIDE_SPLIT else split
-  scan = pairs_lib.find_dataset_pairs(root, list(tasks), folder_split, strict=False)
-  found, problems = list(scan.pairs), list(scan.problems)
-  if split == SIDE_BY_SIDE_SPLIT:
-    selected = []
-    for task in tasks:
-      by_id = {p.pair_id: p for p in found if p.task == task}
-      for pair_id in side_by_side_ids(root, task):
-        if pair_id in by_id:
-          selected.append(by_id[pair_id])
-        else:
-          problems.append(f"{task}/{pair_id}: listed in splits.json but its sources are missing")
-    found = selected
-  return found, problems
 
 
 def find_fused(folder: pathlib.Path, pair: pairs_lib.ImagePair) -> Optional[pathlib.Path]:
@@ -359,7 +323,8 @@ def evaluate(root, tasks: Sequence[str], split: str, methods: Sequence[Method],
              ) -> Dict[str, Any]:
   """Scores `methods` on the split; returns the result dict (nothing written)."""
   start = time.perf_counter()
-  pairs, scan_problems = find_pairs(root, tasks, split)
+  scan = pairs_lib.find_split_pairs(root, tasks, split)
+  pairs, scan_problems = list(scan.pairs), list(scan.problems)
   problems: List[Dict[str, Any]] = [
       {"task": None, "id": None, "method": None, "kind": "unpaired_source", "path": None,
        "message": m} for m in scan_problems]

@@ -135,8 +135,8 @@ def collect_pairs(config, workdir: pathlib.Path) -> tuple[list[pairs_lib.ImagePa
     scan = pairs_lib.find_folder_pairs(fuse_cfg.dir_a, fuse_cfg.dir_b, strict=False)
     return scan.pairs, scan.problems, f"folders {fuse_cfg.dir_a} + {fuse_cfg.dir_b}"
   if config.data.root:
-    scan = pairs_lib.find_dataset_pairs(config.data.root, list(config.data.tasks),
-                                        config.data.split, strict=False)
+    scan = pairs_lib.find_split_pairs(config.data.root, list(config.data.tasks),
+                                      config.data.split)
     return scan.pairs, scan.problems, f"dataset {config.data.root} ({config.data.split})"
   root = workdir / "phantom_inputs"
   logging.info("No input configured: fusing built-in synthetic phantoms written to %s", root)

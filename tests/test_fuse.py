@@ -115,3 +115,13 @@ def test_missing_checkpoint_says_how_to_make_one(tmp_path):
   config = fuse_config("")
   with pytest.raises(DmfnetError, match="configs/stage2.py"):
     fuse.run(config, str(tmp_path))
+
+
+def test_dataset_input_knows_the_side_by_side_split(harvard_root, tmp_path):
+  """`data.split=dmfnet_side_by_side` fuses just the pairs DM-FNet published."""
+  config = micro_config("fuse")
+  config.data.update(root=str(harvard_root), tasks=("MRI-SPECT",), split="dmfnet_side_by_side")
+  found, problems, _ = fuse.collect_pairs(config, tmp_path)
+  listed = json.loads((harvard_root / "splits.json").read_text())["MRI-SPECT"]["dmfnet_side_by_side"]
+  assert [p.pair_id for p in found] == [os.path.splitext(n)[0] for n in listed]
+  assert not problems and all(p.path_a.parent.parent.name == "test" for p in found)

@@ -233,6 +233,30 @@ def test_truncated_image_names_file(tmp_path):
     pairs_lib.load_pair(pair)
 
 
+def test_side_by_side_split_is_test_folder_restricted_to_listed_ids(tmp_path):
+  _make_layout(tmp_path, "MRI-CT", split="test", ids=("a", "b", "c"))
+  (tmp_path / "splits.json").write_text(json.dumps(
+      {"MRI-CT": {"dmfnet_side_by_side": ["c.png", "a.png", "gone.png"]}}))
+  scan = pairs_lib.find_split_pairs(tmp_path, ["MRI-CT"], "dmfnet_side_by_side")
+  assert [p.pair_id for p in scan.pairs] == ["c", "a"]  # listed order
+  assert scan.problems == ["MRI-CT/gone: listed in splits.json but its sources are missing"]
+  plain = pairs_lib.find_split_pairs(tmp_path, "MRI-CT", "test")
+  assert [p.pair_id for p in plain.pairs] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "splits.json: missing"),
+    ("{not json", "splits.json: cannot read"),
+    ('{"MRI-PET": {}}', "no 'MRI-CT' -> 'dmfnet_side_by_side' list"),
+])
+def test_side_by_side_split_names_a_bad_splits_file(tmp_path, content, message):
+  _make_layout(tmp_path, "MRI-CT", split="test")
+  if content is not None:
+    (tmp_path / "splits.json").write_text(content)
+  with pytest.raises(DataError, match=re.escape(message)):
+    pairs_lib.find_split_pairs(tmp_path, ["MRI-CT"], "dmfnet_side_by_side")
+
+
 # ----- the real Harvard layout -----------------------------------------------------------
 
 
@@ -243,6 +267,11 @@ def test_harvard_layout_matches_splits(harvard_root):
       found = pairs_lib.find_dataset_pairs(harvard_root, [task], split)
       assert [p.pair_id for p in found] == sorted(
           pathlib.Path(name).stem for name in splits[task][split])
+  for task in pairs_lib.TASKS:
+    scan = pairs_lib.find_split_pairs(harvard_root, [task], "dmfnet_side_by_side")
+    assert [p.pair_id for p in scan.pairs] == [
+        pathlib.Path(name).stem for name in splits[task]["dmfnet_side_by_side"]]
+    assert not scan.problems
   pet = pairs_lib.find_dataset_pairs(harvard_root, ["MRI-PET"], "test")[0]
   loaded = pairs_lib.load_pair(pet)
   assert loaded.a.shape == loaded.b.shape == (256, 256)

@@ -10,6 +10,7 @@ the file or folder.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 from typing import Iterable, List, Literal, NamedTuple, Sequence, Tuple, Union, overload
@@ -23,6 +24,9 @@ PathLike = Union[str, os.PathLike]
 
 TASKS: Tuple[str, ...] = ("MRI-CT", "MRI-PET", "MRI-SPECT")
 MRI_FOLDER = "MRI"
+# A split named in ROOT/splits.json rather than a folder: the test pairs for which the
+# DM-FNet authors published fused images (SPEC.md section 4's comparison set).
+SIDE_BY_SIDE_SPLIT = "dmfnet_side_by_side"
 # How many problems a strict error message spells out before summarising.
 _MAX_LISTED_PROBLEMS = 10
 
@@ -177,6 +181,46 @@ def find_dataset_pairs(root, tasks, split, strict=True):
       )
     return pairs
   return PairScan(pairs, problems)
+
+
+def side_by_side_ids(root: pathlib.Path, task: str) -> List[str]:
+  """Image ids (file stems) listed under `dmfnet_side_by_side` in ROOT/splits.json."""
+  splits_file = pathlib.Path(root) / "splits.json"
+  try:
+    splits = json.loads(splits_file.read_text())
+  except FileNotFoundError:
+    raise DataError(f"{splits_file}: missing; split '{SIDE_BY_SIDE_SPLIT}' needs it") from None
+  except (OSError, ValueError) as err:
+    raise DataError(f"{splits_file}: cannot read ({err})") from err
+  try:
+    names = splits[task][SIDE_BY_SIDE_SPLIT]
+  except (KeyError, TypeError):
+    raise DataError(f"{splits_file}: no '{task}' -> '{SIDE_BY_SIDE_SPLIT}' list") from None
+  return [pathlib.Path(n).stem for n in names]
+
+
+def find_split_pairs(root: PathLike, tasks: Sequence[str], split: str) -> PairScan:
+  """Non-strict `find_dataset_pairs` that also knows `dmfnet_side_by_side`.
+
+  That split is the `test` folder restricted to the ids ROOT/splits.json lists,
+  in the listed order; a listed id without sources is reported as a problem.
+  """
+  if isinstance(tasks, str):
+    tasks = [tasks]
+  folder_split = "test" if split == SIDE_BY_SIDE_SPLIT else split
+  scan = find_dataset_pairs(root, list(tasks), folder_split, strict=False)
+  if split != SIDE_BY_SIDE_SPLIT:
+    return scan
+  root = pathlib.Path(root).expanduser()
+  selected, problems = [], list(scan.problems)
+  for task in tasks:
+    by_id = {p.pair_id: p for p in scan.pairs if p.task == task}
+    for pair_id in side_by_side_ids(root, task):
+      if pair_id in by_id:
+        selected.append(by_id[pair_id])
+      else:
+        problems.append(f"{task}/{pair_id}: listed in splits.json but its sources are missing")
+  return PairScan(selected, problems)
 
 
 @overload
