@@ -73,6 +73,12 @@ def make_schedule(kind: str, num_timesteps: int, linear_start: float = 1e-6,
   )
 
 
+def schedule_from_config(diffusion_cfg) -> Schedule:
+  """The schedule a config's `diffusion` group names."""
+  return make_schedule(diffusion_cfg.schedule, diffusion_cfg.num_timesteps,
+                       diffusion_cfg.linear_start, diffusion_cfg.linear_end)
+
+
 def noise_levels_for_steps(key: jax.Array, sqrt_acp_prev: jax.Array, t: Any,
                            batch_shape: Sequence[int]) -> jax.Array:
   """g ~ Uniform(sqrt_acp_prev[t-1], sqrt_acp_prev[t]), one draw per batch element.

@@ -18,7 +18,7 @@ from dmfnet_jax.models import unet as unet_lib
 from dmfnet_jax.train import checkpointing, setup
 from dmfnet_jax.train import sharding as sharding_lib
 from dmfnet_jax.train import state as state_lib
-from dmfnet_jax.train.loop import LoopSettings, is_chief, run_loop
+from dmfnet_jax.train.loop import is_chief, run_loop
 
 
 def model_meta(config) -> dict:
@@ -108,17 +108,12 @@ def load_unet_params(path: str, model_cfg) -> Any:
 
 
 def run(config, workdir: str) -> None:
-  workdir_path = setup.prepare_workdir(config, workdir)
-  mesh = sharding_lib.make_mesh(config.mesh)
-  global_batch = int(config.train.batch_size)
-  sharding_lib.check_batch_divisible(global_batch, mesh)
-  dtype = state_lib.compute_dtype(config.train)
-  unet = unet_lib.unet_from_config(config.model, dtype=dtype)
-  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
-                                     config.diffusion.linear_start, config.diffusion.linear_end)
+  basics = setup.start_run(config, workdir)
+  workdir_path, mesh, global_batch = basics.workdir, basics.mesh, basics.global_batch
+  tx, root_key, store = basics.tx, basics.root_key, basics.store
+  unet = unet_lib.unet_from_config(config.model, dtype=basics.dtype)
+  schedule = diffusion.schedule_from_config(config.diffusion)
   sqrt_acp_prev = jnp.asarray(schedule.sqrt_alphas_cumprod_prev, jnp.float32)
-  tx = state_lib.make_optimizer(config.train)
-  root_key = jax.random.PRNGKey(config.seed)
   ema = config.train.ema_decay > 0
   crop = int(config.data.crop_size)
 
@@ -127,17 +122,12 @@ def run(config, workdir: str) -> None:
     return unet.init({"params": rng}, x, jnp.ones((1,), jnp.float32))["params"]
 
   init_key, data_seed = jax.random.fold_in(root_key, 0), config.seed
-  abstract_state = jax.eval_shape(
-      lambda r: state_lib.create_state(init_params, tx, r, ema=ema), init_key)
-  shardings = state_lib.state_shardings(abstract_state, mesh)
-  abstract_sharded = checkpointing.abstract_with_shardings(abstract_state, shardings)
+  shardings, abstract_sharded = setup.abstract_sharded_state(init_params, basics, init_key,
+                                                             ema=ema)
 
   dataset = pipeline.make_train_dataset(config.data, stage="stage1", global_batch_size=global_batch,
                                         seed=data_seed)
   batches = iter(dataset)
-  store = checkpointing.CheckpointStore(checkpointing.checkpoint_dir(workdir_path),
-                                        keep=config.train.keep_checkpoints,
-                                        async_save=config.train.async_checkpointing)
 
   def initialise():
     params = None
@@ -163,11 +153,7 @@ def run(config, workdir: str) -> None:
       to_global=functools.partial(sharding_lib.host_to_global, sharding=batch_sharding),
       store=store,
       checkpoint_items=lambda s: {"state": s, "data": batches, "meta": meta},
-      settings=LoopSettings(
-          num_steps=int(config.train.num_steps), log_every=int(config.train.log_every),
-          checkpoint_every=int(config.train.checkpoint_every),
-          preview_every=int(config.train.preview_every), images_per_step=global_batch,
-          stop_on_nonfinite=bool(config.train.stop_on_nonfinite)),
+      settings=setup.loop_settings(config.train, global_batch),
       workdir=workdir_path,
       preview=make_previewer(unet, config, workdir_path, jax.random.fold_in(root_key, 2)))
   store.close()

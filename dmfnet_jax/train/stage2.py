@@ -18,7 +18,7 @@ from dmfnet_jax.models import unet as unet_lib
 from dmfnet_jax.train import checkpointing, setup
 from dmfnet_jax.train import sharding as sharding_lib
 from dmfnet_jax.train import state as state_lib
-from dmfnet_jax.train.loop import LoopSettings, is_chief, run_loop
+from dmfnet_jax.train.loop import is_chief, run_loop
 from dmfnet_jax.train.stage1 import load_unet_params
 
 HOW_TO_GET_STAGE1 = (
@@ -33,8 +33,7 @@ def model_meta(config) -> dict:
 
 
 def feature_schedule(config) -> jax.Array:
-  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
-                                     config.diffusion.linear_start, config.diffusion.linear_end)
+  schedule = diffusion.schedule_from_config(config.diffusion)
   return jnp.asarray(schedule.sqrt_alphas_cumprod_prev, jnp.float32)
 
 
@@ -82,21 +81,14 @@ def require_stage1_checkpoint(config) -> str:
 
 
 def run(config, workdir: str) -> None:
-  workdir_path = setup.prepare_workdir(config, workdir)
-  mesh = sharding_lib.make_mesh(config.mesh)
-  global_batch = int(config.train.batch_size)
-  sharding_lib.check_batch_divisible(global_batch, mesh)
-  dtype = state_lib.compute_dtype(config.train)
-  unet = unet_lib.unet_from_config(config.model, dtype=dtype)
-  head = head_lib.fusion_head_from_config(config.model, config.fusion, dtype=dtype)
+  basics = setup.start_run(config, workdir)
+  workdir_path, mesh, global_batch = basics.workdir, basics.mesh, basics.global_batch
+  tx, root_key, store = basics.tx, basics.root_key, basics.store
+  unet = unet_lib.unet_from_config(config.model, dtype=basics.dtype)
+  head = head_lib.fusion_head_from_config(config.model, config.fusion, dtype=basics.dtype)
   sqrt_acp_prev = feature_schedule(config)
-  tx = state_lib.make_optimizer(config.train)
-  root_key = jax.random.PRNGKey(config.seed)
   crop = int(config.data.crop_size)
   fuse_fn = make_fuse_fn(unet, head, sqrt_acp_prev, config.fusion)
-  store = checkpointing.CheckpointStore(checkpointing.checkpoint_dir(workdir_path),
-                                        keep=config.train.keep_checkpoints,
-                                        async_save=config.train.async_checkpointing)
   replicated = sharding_lib.replicated(mesh)
   abstract_unet = unet_lib.abstract_params(config.model)
   unet_shardings = sharding_lib.tree_shardings(abstract_unet, mesh)
@@ -105,10 +97,8 @@ def run(config, workdir: str) -> None:
     return head_lib.init_head_params(head, rng, coarsest=crop // 2 ** (len(config.model.channel_mults) - 1))
 
   init_key = jax.random.fold_in(root_key, 0)
-  abstract_state = jax.eval_shape(
-      lambda r: state_lib.create_state(init_params, tx, r, ema=False), init_key)
-  shardings = state_lib.state_shardings(abstract_state, mesh)
-  abstract_sharded = checkpointing.abstract_with_shardings(abstract_state, shardings)
+  shardings, abstract_sharded = setup.abstract_sharded_state(init_params, basics, init_key,
+                                                             ema=False)
 
   dataset = pipeline.make_train_dataset(config.data, stage="stage2", global_batch_size=global_batch,
                                         seed=config.seed)
@@ -159,11 +149,7 @@ def run(config, workdir: str) -> None:
       to_global=functools.partial(sharding_lib.host_to_global, sharding=batch_sharding),
       store=store,
       checkpoint_items=lambda s: {"state": s, "data": batches, "meta": meta, "unet": unet_params},
-      settings=LoopSettings(
-          num_steps=int(config.train.num_steps), log_every=int(config.train.log_every),
-          checkpoint_every=int(config.train.checkpoint_every),
-          preview_every=int(config.train.preview_every), images_per_step=global_batch,
-          stop_on_nonfinite=bool(config.train.stop_on_nonfinite)),
+      settings=setup.loop_settings(config.train, global_batch),
       workdir=workdir_path, preview=preview)
   store.close()
   logging.info("Stage II %s at step %d (loss %.5g); checkpoints in %s", result.stopped_by,
