@@ -94,6 +94,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
           b2=0.999,
           eps=1e-8,
           grad_clip_norm=0.0,  # 0 = off (reference)
+          lr_schedule="constant",  # reference; or "linear_decay" (to 0 at num_steps)
+          decay_start_step=0,  # linear_decay: the rate is constant before this step
           ema_decay=0.0,  # 0 = off (reference)
           compute_dtype="float32",  # or "bfloat16": bf16 compute, fp32 params/opt state
           log_every=50,

@@ -25,15 +25,19 @@ def test_run_trains_head_and_keeps_unet_frozen(micro_stage1_workdir, micro_stage
   assert all(np.isfinite(m["loss"]) for m in losses)
 
 
-def test_resume_keeps_the_frozen_unet(micro_stage2_workdir, tmp_path):
+def test_resume_keeps_the_frozen_unet_and_may_switch_schedule(micro_stage2_workdir, tmp_path):
+  """A constant-rate run resumed with a linear-decay tail (same optimizer state)."""
   import shutil
   workdir = tmp_path / "w"
   shutil.copytree(micro_stage2_workdir, workdir)
-  config = micro_config("stage2", num_steps=3, checkpoint_every=1)
+  config = micro_config("stage2", num_steps=4, checkpoint_every=1, lr_schedule="linear_decay",
+                        decay_start_step=2)
   config.stage1_checkpoint = ""  # not needed when the workdir has a checkpoint
   stage2.run(config, str(workdir))
   store = checkpointing.CheckpointStore(workdir / "checkpoints", read_only=True)
-  assert store.latest_step() == 3
+  assert store.latest_step() == 4
+  logged = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [m["lr_factor"] for m in logged] == [1.0, 1.0, 1.0, 0.5]
 
 
 def test_missing_stage1_checkpoint_says_how_to_make_one(tmp_path):

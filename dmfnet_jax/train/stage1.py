@@ -26,8 +26,12 @@ def model_meta(config) -> dict:
           "diffusion": config.diffusion.to_dict()}
 
 
-def make_train_step(unet: unet_lib.UNet, tx, sqrt_acp_prev: jax.Array, ema_decay: float):
-  """One optimizer step; the step's key is `fold_in(rng, step)`."""
+def make_train_step(unet: unet_lib.UNet, tx, sqrt_acp_prev: jax.Array, ema_decay: float,
+                    lr_factor=None):
+  """One optimizer step; the step's key is `fold_in(rng, step)`.
+
+  `lr_factor(step)` scales the update (`state_lib.learning_rate_factor`; None = 1)."""
+  lr_factor = lr_factor or (lambda step: 1.0)
 
   def apply_fn(params, x, level, dropout_key):
     return unet.apply({"params": params}, x, level, train=True, rngs={"dropout": dropout_key})
@@ -40,15 +44,15 @@ def make_train_step(unet: unet_lib.UNet, tx, sqrt_acp_prev: jax.Array, ema_decay
       return diffusion.x0_loss(apply_fn, params, images, key, sqrt_acp_prev)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    params, opt_state = state_lib.apply_gradients(state, grads, tx, lr_factor)
     ema = state.ema_params
     if ema is not None:
       ema = state_lib.ema_update(ema, params, ema_decay)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema)
     grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
-    return new_state, {"loss": loss, "grad_norm": grad_norm}
+    return new_state, {"loss": loss, "grad_norm": grad_norm,
+                       "lr_factor": jnp.asarray(lr_factor(state.step))}
 
   return train_step
 
@@ -143,7 +147,8 @@ def run(config, workdir: str) -> None:
       model_groups={"model": config.model}, initialise=initialise)
 
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  step_fn = make_train_step(unet, tx, sqrt_acp_prev, config.train.ema_decay)
+  step_fn = make_train_step(unet, tx, sqrt_acp_prev, config.train.ema_decay,
+                            state_lib.learning_rate_factor(config.train))
   train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, sharding_lib.replicated(mesh)),
                        donate_argnums=0)

@@ -49,7 +49,9 @@ def make_fuse_fn(unet, head, sqrt_acp_prev, fusion_cfg):
   return fuse
 
 
-def make_train_step(fuse_fn, tx):
+def make_train_step(fuse_fn, tx, lr_factor=None):
+  """One optimizer step of the head; `lr_factor(step)` scales the update (None = 1)."""
+  lr_factor = lr_factor or (lambda step: 1.0)
 
   def train_step(state: state_lib.TrainState, unet_params, batch):
     key = jax.random.fold_in(state.rng, state.step)
@@ -62,10 +64,9 @@ def make_train_step(fuse_fn, tx):
       return total, terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    params, opt_state = state_lib.apply_gradients(state, grads, tx, lr_factor)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {"loss": loss, **terms}
+    return new_state, {"loss": loss, **terms, "lr_factor": jnp.asarray(lr_factor(state.step))}
 
   return train_step
 
@@ -121,7 +122,8 @@ def run(config, workdir: str) -> None:
     unet_params = jax.device_put(load_unet_params(source, config.model), unet_shardings)
 
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(fuse_fn, tx),
+  lr_factor = state_lib.learning_rate_factor(config.train)
+  train_step = jax.jit(make_train_step(fuse_fn, tx, lr_factor),
                        in_shardings=(shardings, unet_shardings, batch_sharding),
                        out_shardings=(shardings, replicated), donate_argnums=0)
   step_with_unet = lambda s, batch: train_step(s, unet_params, batch)

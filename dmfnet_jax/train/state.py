@@ -39,6 +39,39 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   return opt
 
 
+LR_SCHEDULES = ("constant", "linear_decay")
+
+
+def learning_rate_factor(train_cfg) -> Callable[[jax.Array], jax.Array]:
+  """The learning-rate multiplier as a function of the global step.
+
+  `constant` (the reference: its decay is stepped only after the last epoch) is 1.
+  `linear_decay` holds 1 until `train.decay_start_step`, then falls linearly to 0 at
+  `train.num_steps` (a warmup-stable-decay tail: a short run's loss drops when the
+  rate anneals). It scales the optimizer's updates instead of living inside the
+  optimizer, so the optimizer state is the same for every schedule and a run may
+  switch schedule when it resumes.
+  """
+  kind = train_cfg.get("lr_schedule", "constant")
+  if kind == "constant":
+    return lambda step: jnp.float32(1.0)
+  if kind == "linear_decay":
+    start = float(train_cfg.decay_start_step)
+    length = max(float(train_cfg.num_steps) - start, 1.0)
+    return lambda step: jnp.clip((float(train_cfg.num_steps) - step) / length, 0.0, 1.0
+                                 ).astype(jnp.float32)
+  raise ConfigError(f"config.train.lr_schedule='{kind}': use one of {', '.join(LR_SCHEDULES)}")
+
+
+def apply_gradients(state: "TrainState", grads: Any, tx: optax.GradientTransformation,
+                    lr_factor: Callable[[jax.Array], jax.Array]):
+  """(new params, new optimizer state) for one step at the scheduled rate."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  factor = lr_factor(state.step)
+  params = jax.tree.map(lambda p, u: p + (factor * u).astype(p.dtype), state.params, updates)
+  return params, opt_state
+
+
 def create_state(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                  rng: jax.Array, *, ema: bool, params: Optional[Any] = None) -> TrainState:
   params = init_params_fn(rng) if params is None else params
