@@ -3,8 +3,10 @@ r"""python -m dmfnet_jax.main --config=configs/demo.py
 The whole DM-FNet pipeline at tiny scale on built-in synthetic phantoms, on a
 fresh machine with no downloads: Stage I (a few diffusion training steps),
 Stage II (a few fusion-head steps), then fusion of phantom MRI-CT, MRI-PET and
-MRI-SPECT pairs. Minutes on a laptop CPU; the outputs show the plumbing, not a
-trained model (see README for real training). Default workdir: runs/demo.
+MRI-SPECT pairs. Minutes on a laptop CPU; those outputs show the plumbing, not a
+trained model, so the same phantoms are then fused by the shipped trained model
+(`--config.compare_with_shipped_model=False` skips that). See README for real
+training. Default workdir: runs/demo.
 """
 
 import importlib.util
@@ -38,4 +40,6 @@ def get_config(arg=None):
     sub.data.phantom_count = 12
     sub.model = defaults.model_config("cpu")
   config.stage1, config.stage2, config.fuse = stage1, stage2, fuse
+  config.compare_with_shipped_model = True
+  config.shipped_fuse = _load("fuse").get_config()  # the shipped model; inputs set by the job
   return config

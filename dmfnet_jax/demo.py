@@ -1,7 +1,9 @@
 """The demo job: the whole pipeline at tiny scale on the built-in phantoms.
 
 Stage I, Stage II and fuse run one after another, each in its own folder under
-the workdir, so a rerun resumes (or skips) what is already done.
+the workdir, so a rerun resumes (or skips) what is already done. A few training
+steps only show the plumbing, so the same phantoms are then fused by the model this
+project trained and ships (MODEL_CARD.md), to show what trained output looks like.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ def run(config, workdir: str) -> None:
 
   root = pathlib.Path(workdir)
   stage1_dir, stage2_dir = root / "stage1", root / "stage2"
-  logging.info("Demo 1/3: Stage I (diffusion-trained UNet) in %s", stage1_dir)
+  with_shipped = bool(config.get("compare_with_shipped_model", False))
+  parts = 4 if with_shipped else 3
+  logging.info("Demo 1/%d: Stage I (diffusion-trained UNet) in %s", parts, stage1_dir)
   stage1.run(config.stage1, str(stage1_dir))
-  logging.info("Demo 2/3: Stage II (fusion head) in %s", stage2_dir)
+  logging.info("Demo 2/%d: Stage II (fusion head) in %s", parts, stage2_dir)
   with config.stage2.unlocked():
     config.stage2.stage1_checkpoint = str(stage1_dir)
   stage2.run(config.stage2, str(stage2_dir))
-  logging.info("Demo 3/3: fusing phantom pairs")
+  logging.info("Demo 3/%d: fusing phantom pairs", parts)
   with config.fuse.unlocked():
     config.fuse.checkpoint = str(stage2_dir)
   fuse.run(config.fuse, str(root / "fuse"))
@@ -34,6 +38,15 @@ def run(config, workdir: str) -> None:
           f"Stage I samples and Stage II previews: {(root / 'stage1' / 'previews').resolve()}, "
           f"{(root / 'stage2' / 'previews').resolve()}\n"
           f"Checkpoints (both stages): {(stage2_dir / 'checkpoints').resolve()}\n")
+  if with_shipped:
+    logging.info("Demo 4/4: the same phantoms fused by the shipped trained model")
+    shipped = config.shipped_fuse
+    with shipped.unlocked():
+      shipped.data.root = str(root / "fuse" / "phantom_inputs")  # written by step 3
+      shipped.data.tasks = tuple(config.fuse.data.tasks)
+    fuse.run(shipped, str(root / "fuse_shipped"))
+    shipped_dir = pathlib.Path(shipped.fuse.output_dir or root / "fuse_shipped" / "fused")
+    note += f"The same pairs fused by the shipped model (MODEL_CARD.md): {shipped_dir.resolve()}\n"
   if is_chief():
     (root / "DEMO_OUTPUTS.txt").write_text(note)
   print(note)

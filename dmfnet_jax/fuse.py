@@ -141,7 +141,8 @@ def collect_pairs(config, workdir: pathlib.Path) -> tuple[list[pairs_lib.ImagePa
   root = workdir / "phantom_inputs"
   logging.info("No input configured: fusing built-in synthetic phantoms written to %s", root)
   phantoms.write_phantom_dataset(root, list(config.data.tasks), "test",
-                                 count=int(fuse_cfg.phantom_count), size=256, seed=config.seed)
+                                 count=int(fuse_cfg.phantom_count),
+                                 size=int(config.data.get("phantom_size", 256)), seed=config.seed)
   scan = pairs_lib.find_dataset_pairs(root, list(config.data.tasks), "test", strict=False)
   return scan.pairs, scan.problems, "built-in phantoms"
 

@@ -114,5 +114,6 @@ def validate(config) -> None:
   if "fusion" in config and "model" in config:
     validate_fusion(config.fusion, config.model)
   if job == "demo":
-    for part in ("stage1", "stage2", "fuse"):
-      validate(config[part])
+    for part in ("stage1", "stage2", "fuse", "shipped_fuse"):
+      if part in config:
+        validate(config[part])
