@@ -28,10 +28,14 @@ images missing, unreadable or of another size than their sources are logged,
 listed there and left out of that method's mean; the count of evaluated pairs is
 shown per method). With `evaluate.report`, also montages/<task>/<id>.png and one
 self-contained report.html. `evaluate.num_workers`: threads (0 = all CPU cores).
+`evaluate.compare_to=NAME`: also tabulate, per task and method, the metrics on which
+it is at least as good as method NAME ("k of 11"), in per_task.md, the report and
+evaluation.json["comparison"].
 
 Presets: `configs/evaluate.py:dmfnet` scores the published DM-FNet outputs
 (dmfnet_jax.paths.dmfnet_outputs_root()) with the max and mean baselines on the
-`dmfnet_side_by_side` pairs, reproducing SPEC.md §4's table.
+`dmfnet_side_by_side` pairs, reproducing SPEC.md §4's table, with every other
+method compared to DM-FNet (`compare_to`).
 """
 
 import ml_collections
@@ -63,6 +67,7 @@ def get_config(arg=None):
   config.evaluate.report = True
   config.evaluate.report_max_pairs = 0  # montages in the HTML page; 0 = all
   config.evaluate.num_workers = 0  # 0 = all CPU cores
+  config.evaluate.compare_to = ""  # a method name: count metrics at least as good as it
   if preset == "dmfnet":
     config.data.split = "dmfnet_side_by_side"
     config.evaluate.methods = ml_collections.ConfigDict({
@@ -70,4 +75,5 @@ def get_config(arg=None):
         "max": "baseline:max",
         "mean": "baseline:mean",
     })
+    config.evaluate.compare_to = "DM-FNet"
   return config

@@ -219,6 +219,39 @@ def best_methods(per_task: Mapping[str, Any]) -> Dict[str, Dict[str, List[str]]]
   return best
 
 
+def compare_to(per_task: Mapping[str, Any], reference: str) -> Dict[str, Dict[str, Any]]:
+  """task -> method -> metrics on which its mean is at least the reference's.
+
+  The field's way to read a table (every TABLE_METRIC is higher-is-better): "at least
+  as good as DM-FNet on k of 11 metrics". Tasks without the reference are left out.
+  """
+  result: Dict[str, Dict[str, Any]] = {}
+  for task, by_method in per_task.items():
+    ref = by_method.get(reference)
+    if ref is None or not ref["n"]:
+      continue
+    result[task] = {}
+    for method, entry in by_method.items():
+      if method == reference or not entry["n"]:
+        continue
+      wins = [name for name in TABLE_METRICS
+              if math.isfinite(entry["mean"][name]) and math.isfinite(ref["mean"][name])
+              and entry["mean"][name] >= ref["mean"][name]]
+      result[task][method] = {"at_least_as_good": wins, "count": len(wins),
+                              "of": len(TABLE_METRICS)}
+  return result
+
+
+def comparison_table_rows(comparison: Mapping[str, Any]) -> Tuple[List[str], List[List[str]]]:
+  headers = ["task", "method"] + list(TABLE_METRICS) + ["total"]
+  rows = []
+  for task, by_method in comparison.items():
+    for i, (method, entry) in enumerate(by_method.items()):
+      marks = ["✓" if name in entry["at_least_as_good"] else "✗" for name in TABLE_METRICS]
+      rows.append([task if i == 0 else "", method] + marks + [f"{entry['count']}/{entry['of']}"])
+  return headers, rows
+
+
 def task_table_rows(per_task, best, with_std: bool = True
                     ) -> Tuple[List[str], List[List[str]], List[Tuple[int, int]]]:
   """Header, cells and best (row, column) cells of the per-task table."""
@@ -319,9 +352,12 @@ def write_outputs(output_dir: pathlib.Path, result: Mapping[str, Any]) -> Dict[s
 
 
 def evaluate(root, tasks: Sequence[str], split: str, methods: Sequence[Method],
-             num_workers: int = 0, montage_dir: Optional[pathlib.Path] = None
-             ) -> Dict[str, Any]:
-  """Scores `methods` on the split; returns the result dict (nothing written)."""
+             num_workers: int = 0, montage_dir: Optional[pathlib.Path] = None,
+             reference: str = "") -> Dict[str, Any]:
+  """Scores `methods` on the split; returns the result dict (nothing written).
+
+  With `reference` (a method name), also counts per task and method the metrics
+  on which it is at least as good as the reference."""
   start = time.perf_counter()
   scan = pairs_lib.find_split_pairs(root, tasks, split)
   pairs, scan_problems = list(scan.pairs), list(scan.problems)
@@ -346,6 +382,11 @@ def evaluate(root, tasks: Sequence[str], split: str, methods: Sequence[Method],
   best = best_methods(per_task)
   headers, cells, bold = task_table_rows(per_task, best)
   counts = {m.name: {t: per_task[t][m.name]["n"] for t in tasks} for m in methods}
+  markdown = markdown_table(headers, cells, bold)
+  comparison = compare_to(per_task, reference) if reference else {}
+  if comparison:
+    markdown += (f"\n\nAt least as good as {reference} (higher is better for every metric):\n\n"
+                 + markdown_table(*comparison_table_rows(comparison)))
   return {
       "split": split,
       "data_root": str(root),
@@ -359,7 +400,9 @@ def evaluate(root, tasks: Sequence[str], split: str, methods: Sequence[Method],
       "best": best,
       "per_image": rows,
       "problems": problems,
-      "markdown": markdown_table(headers, cells, bold),
+      "reference": reference or None,
+      "comparison": comparison,
+      "markdown": markdown,
       "seconds": round(time.perf_counter() - start, 3),
   }
 
@@ -370,6 +413,9 @@ def _write_report(output_dir: pathlib.Path, result: Mapping[str, Any],
   headers, cells, bold = task_table_rows(result["per_task"], result["best"])
   sections = [("Per task (mean ± std; best per metric in bold)",
                report.html_table(headers, cells, bold))]
+  if result.get("comparison"):
+    sections.append((f"At least as good as {result['reference']}",
+                     report.html_table(*comparison_table_rows(result["comparison"]))))
   if result["problems"]:
     sections.append(("Problems (left out of the means)", report.html_table(
         ["task", "id", "method", "kind", "message"],
@@ -387,6 +433,10 @@ def run(config, workdir) -> Dict[str, Any]:
   """The `evaluate` job (see configs/evaluate.py)."""
   eval_cfg = config.evaluate
   methods = parse_methods(eval_cfg.methods, eval_cfg.get("extra_methods", ""))
+  reference = str(eval_cfg.get("compare_to", "") or "")
+  if reference and reference not in [m.name for m in methods]:
+    raise ConfigError(f"config.evaluate.compare_to='{reference}': not one of the methods "
+                      f"({', '.join(m.name for m in methods)})")
   root = str(config.data.root or "")
   if not root:
     raise ConfigError("config.data.root: empty; set it to a dataset folder")
@@ -401,7 +451,7 @@ def run(config, workdir) -> Dict[str, Any]:
   logging.info("Evaluating %s on %s (%s, split %s) -> %s", ", ".join(m.name for m in methods),
                root, ", ".join(tasks), split, output_dir)
   result = evaluate(root, tasks, split, methods, int(eval_cfg.get("num_workers", 0) or 0),
-                    montage_dir)
+                    montage_dir, reference=reference)
   if montage_dir is not None:
     limit = int(eval_cfg.get("report_max_pairs", 0) or 0)
     seen = []

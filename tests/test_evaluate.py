@@ -80,6 +80,41 @@ def test_reproduces_spec_table(shared_root, harvard_root, dmfnet_outputs_root, t
       # Within rounding of the printed digits (plus 20% slack for float32 ties).
       assert abs(entry["mean"][metric] - float(text)) <= 0.6 * 10 ** -decimals, (
           task, method, metric, entry["mean"][metric], text)
+  # The preset compares every method with DM-FNet, as SPEC.md's printed table reads.
+  spec = _spec_table(shared_root)
+  for (task, method), printed in spec.items():
+    if method == "DM-FNet":
+      continue
+    wins = set(result["comparison"][task][method]["at_least_as_good"])
+    for metric, text in printed.items():
+      ours, theirs = float(text), float(spec[(task, "DM-FNet")][metric])
+      if ours != theirs:  # equal printed digits: too close to call from the table
+        assert (metric in wins) == (ours > theirs), (task, method, metric)
+  assert "At least as good as DM-FNet" in result["markdown"]
+
+
+def test_compare_to_counts_metrics_at_least_as_good():
+  names = evaluate.TABLE_METRICS
+  def entry(values, n=3):
+    return {"n": n, "mean": dict(zip(names, values))}
+  per_task = {
+      "MRI-CT": {"ref": entry([1.0] * 11),
+                 "a": entry([1.0, 2.0] + [0.5] * 8 + [float("nan")]),
+                 "empty": entry([9.0] * 11, n=0)},
+      "MRI-PET": {"a": entry([1.0] * 11)},  # no reference here: left out
+  }
+  comparison = evaluate.compare_to(per_task, "ref")
+  assert list(comparison) == ["MRI-CT"] and list(comparison["MRI-CT"]) == ["a"]
+  assert comparison["MRI-CT"]["a"] == {"at_least_as_good": list(names[:2]), "count": 2, "of": 11}
+  headers, rows = evaluate.comparison_table_rows(comparison)
+  assert headers[-1] == "total" and rows[0][-1] == "2/11" and rows[0][2:4] == ["✓", "✓"]
+
+
+def test_compare_to_must_name_a_method(tmp_path):
+  _, config = _config("dmfnet")
+  config.evaluate.compare_to = "DM-FNET"
+  with pytest.raises(ConfigError, match="compare_to='DM-FNET'"):
+    evaluate.run(config, str(tmp_path))
 
 
 def _write(path, array):
