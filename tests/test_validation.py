@@ -8,10 +8,10 @@ from conftest import load_config
 
 
 @pytest.mark.parametrize("name", ["stage1", "stage2", "fuse", "evaluate", "demo"])
-@pytest.mark.parametrize("preset", [None, "tiny"])
+@pytest.mark.parametrize("preset", [None, "tiny", "cpu"])
 def test_shipped_configs_validate(name, preset):
   if name in ("evaluate", "demo") and preset:
-    pytest.skip("no tiny preset")
+    pytest.skip(f"no {preset} preset")
   validation.validate(load_config(name, preset))
 
 
