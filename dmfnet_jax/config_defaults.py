@@ -82,6 +82,10 @@ def distributed_config() -> ml_collections.ConfigDict:
       dict(initialize="auto", coordinator_address="", num_processes=0, process_id=-1))
 
 
+# train.lr_schedule values; the first is the reference's (in effect constant) rate.
+LR_SCHEDULES = ("constant", "linear_decay")
+
+
 def train_config(**overrides) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(
       dict(

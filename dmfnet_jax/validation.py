@@ -79,8 +79,8 @@ def validate_train(cfg, *, stage: str) -> None:
   _need(cfg.log_every > 0, "train.log_every", cfg.log_every, "must be positive")
   _need(cfg.keep_checkpoints >= 1, "train.keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
   _need(0.0 <= cfg.ema_decay < 1.0, "train.ema_decay", cfg.ema_decay, "must be in [0, 1)")
-  _need(cfg.get("lr_schedule", "constant") in ("constant", "linear_decay"), "train.lr_schedule",
-        cfg.get("lr_schedule"), "must be 'constant' or 'linear_decay'")
+  _need(cfg.get("lr_schedule", "constant") in config_defaults.LR_SCHEDULES, "train.lr_schedule",
+        cfg.get("lr_schedule"), f"must be one of {', '.join(config_defaults.LR_SCHEDULES)}")
   if cfg.get("lr_schedule") == "linear_decay":
     _need(0 <= cfg.decay_start_step < cfg.num_steps, "train.decay_start_step",
           cfg.decay_start_step, f"must be in [0, train.num_steps={cfg.num_steps})")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from dmfnet_jax import config_defaults
 from dmfnet_jax.errors import ConfigError
 from dmfnet_jax.train import sharding as sharding_lib
 
@@ -39,16 +40,12 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   return opt
 
 
-LR_SCHEDULES = ("constant", "linear_decay")
-
-
 def learning_rate_factor(train_cfg) -> Callable[[jax.Array], jax.Array]:
   """The learning-rate multiplier as a function of the global step.
 
   `constant` (the reference: its decay is stepped only after the last epoch) is 1.
   `linear_decay` holds 1 until `train.decay_start_step`, then falls linearly to 0 at
-  `train.num_steps` (a warmup-stable-decay tail: a short run's loss drops when the
-  rate anneals). It scales the optimizer's updates instead of living inside the
+  `train.num_steps` (a stable-then-decay tail for short runs). It scales the optimizer's updates instead of living inside the
   optimizer, so the optimizer state is the same for every schedule and a run may
   switch schedule when it resumes.
   """
@@ -60,7 +57,8 @@ def learning_rate_factor(train_cfg) -> Callable[[jax.Array], jax.Array]:
     length = max(float(train_cfg.num_steps) - start, 1.0)
     return lambda step: jnp.clip((float(train_cfg.num_steps) - step) / length, 0.0, 1.0
                                  ).astype(jnp.float32)
-  raise ConfigError(f"config.train.lr_schedule='{kind}': use one of {', '.join(LR_SCHEDULES)}")
+  raise ConfigError(f"config.train.lr_schedule='{kind}': use one of "
+                    f"{', '.join(config_defaults.LR_SCHEDULES)}")
 
 
 def apply_gradients(state: "TrainState", grads: Any, tx: optax.GradientTransformation,
