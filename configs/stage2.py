@@ -23,9 +23,13 @@ def get_config(arg=None):
     raise ValueError(f"configs/stage2.py: unknown preset '{preset}' (use 'tiny', 'cpu' or nothing)")
   config = defaults.base_config(job="stage2")
   config.stage1_checkpoint = ""
+  # Optional: a two-stage checkpoint (a Stage II workdir, an exported or imported model)
+  # whose head starts this run; its Stage I UNet is used when stage1_checkpoint is empty.
+  config.init_checkpoint = ""
   config.model = defaults.model_config(preset)
   config.diffusion = defaults.diffusion_config("linear")
   config.fusion = defaults.fusion_config()
+  config.loss = defaults.loss_config()
   config.data = defaults.data_config(crop_size=160)
   config.train = defaults.train_config(
       num_steps=206_700, batch_size=1, optimizer="adam", learning_rate=1e-4, weight_decay=0.0,

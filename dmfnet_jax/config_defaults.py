@@ -61,6 +61,12 @@ def fusion_config() -> ml_collections.ConfigDict:
       ))
 
 
+def loss_config() -> ml_collections.ConfigDict:
+  """Stage II hybrid-loss weights; the defaults are the reference's (SPEC.md §2)."""
+  from dmfnet_jax import losses  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(dict(losses.REFERENCE_WEIGHTS))
+
+
 def data_config(crop_size: int = 160) -> ml_collections.ConfigDict:
   from dmfnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   values = pipeline.default_data_config().to_dict()

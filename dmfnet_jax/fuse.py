@@ -24,12 +24,12 @@ from absl import logging
 from dmfnet_jax import features, imageio
 from dmfnet_jax.data import pairs as pairs_lib
 from dmfnet_jax.data import phantoms
-from dmfnet_jax.errors import CheckpointError, ConfigError, DmfnetError
+from dmfnet_jax.errors import ConfigError, DmfnetError
 from dmfnet_jax.models import fusion_head as head_lib
 from dmfnet_jax.models import unet as unet_lib
-from dmfnet_jax.train import checkpointing, setup
+from dmfnet_jax.train import setup
 from dmfnet_jax.train.loop import is_chief, write_json_atomic
-from dmfnet_jax.train.stage2 import feature_schedule, make_fuse_fn
+from dmfnet_jax.train.stage2 import feature_schedule, load_two_stage_params, make_fuse_fn
 
 
 @dataclasses.dataclass
@@ -65,38 +65,8 @@ def load_fusion_model(config) -> FusionModel:
         "config.checkpoint is empty: point it at a Stage II workdir "
         "(python -m dmfnet_jax.main --config=configs/stage2.py --workdir=DIR) or at the output of "
         "python -m dmfnet_jax.tools.import_torch")
-  store, step = checkpointing.open_for_reading(path)
-  where = store.directory / str(step)
-  meta = store.read_meta(step)
-  _check_fusion_meta(meta, config, where)
-  names = store.item_names_at(step)
-  if "params" in names:
-    params = store.restore(step, {"params": None})["params"]
-    unet_params, head_params = params["unet"], params["head"]
-  elif "state" in names and "unet" in names:
-    restored = store.restore(step, {"state": None, "unet": None})
-    unet_params, head_params = restored["unet"], restored["state"]["params"]
-  else:
-    raise CheckpointError(f"{where}: holds no fusion model (needs Stage I and Stage II "
-                          f"parameters; found items {names})")
-  unet_abstract = unet_lib.abstract_params(config.model)
-  head = head_lib.fusion_head_from_config(config.model, config.fusion)
-  head_abstract = head_lib.abstract_head_params(head)
-  unet_params = checkpointing.conform_params(unet_params, unet_abstract, f"{where} (Stage I UNet)")
-  head_params = checkpointing.conform_params(head_params, head_abstract, f"{where} (Stage II head)")
+  unet_params, head_params = load_two_stage_params(path, config)
   return FusionModel(config=config, unet_params=unet_params, head_params=head_params)
-
-
-def _check_fusion_meta(meta: dict, config, where) -> None:
-  problems = []
-  for group in ("model", "fusion"):
-    if group in meta:
-      current = config[group].to_dict()
-      problems += [f"{group}.{d}" for d in checkpointing.config_mismatch(
-          meta[group], current, keys=sorted(current))]
-  if problems:
-    raise CheckpointError(f"{where} does not match the config:\n  " + "\n  ".join(problems)
-                          + "\nUse the config the model was trained with (e.g. the :tiny preset).")
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -17,7 +17,10 @@ WINDOW_SIZE = 11
 WINDOW_SIGMA = 1.5
 C2 = 0.03**2
 INTENSITY_WEIGHT = 1.5
+GRADIENT_WEIGHT = 1.0
 SSIM_WEIGHT = 0.5
+REFERENCE_WEIGHTS = {"intensity_weight": INTENSITY_WEIGHT, "gradient_weight": GRADIENT_WEIGHT,
+                     "ssim_weight": SSIM_WEIGHT}
 
 
 def gaussian_window(size: int = WINDOW_SIZE, sigma: float = WINDOW_SIGMA) -> np.ndarray:
@@ -83,8 +86,13 @@ def select_quality(var_a, var_b, q_fa, q_fb):
   return jnp.where(jnp.sqrt(var_a) >= jnp.sqrt(var_b), q_fa, q_fb)
 
 
-def fusion_loss(fused: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray):
+def fusion_loss(fused: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray,
+                intensity_weight: float = INTENSITY_WEIGHT,
+                gradient_weight: float = GRADIENT_WEIGHT, ssim_weight: float = SSIM_WEIGHT):
   """Hybrid loss of the fused image F against A (MRI) and B (other modality).
+
+  The weights default to the reference's (1.5, 1, 0.5); `config.loss` can change
+  them (e.g. to fine-tune a model that under-fits the intensity term).
 
   Args:
     fused, a, b: (B, H, W, 1) in [-1, 1].
@@ -94,11 +102,11 @@ def fusion_loss(fused: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray):
   fused = fused.astype(jnp.float32)
   a = a.astype(jnp.float32)
   b = b.astype(jnp.float32)
-  loss_in = INTENSITY_WEIGHT * jnp.mean(jnp.abs(fused - jnp.maximum(a, b)))
+  loss_in = intensity_weight * jnp.mean(jnp.abs(fused - jnp.maximum(a, b)))
   grads = sobel_magnitude(jnp.concatenate([fused, a, b], axis=-1))
   grad_f, grad_a, grad_b = jnp.split(grads, 3, axis=-1)
   sobel_term = jnp.mean(jnp.abs(grad_f - jnp.maximum(grad_a, grad_b)))
   ssim_term = fusion_quality(fused, a, b)
-  loss_grad = sobel_term + SSIM_WEIGHT * (1 - ssim_term)
+  loss_grad = gradient_weight * sobel_term + ssim_weight * (1 - ssim_term)
   total = loss_in + loss_grad
   return total, {"loss_in": loss_in, "loss_grad": loss_grad, "ssim_term": ssim_term}

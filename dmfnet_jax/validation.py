@@ -98,6 +98,14 @@ def validate_fusion(fusion_cfg, model_cfg) -> None:
         "name at least one timestep")
 
 
+def validate_loss(loss_cfg) -> None:
+  for key, value in loss_cfg.items():
+    _need(isinstance(value, (int, float)) and 0.0 <= value < float("inf"), f"loss.{key}", value,
+          "must be a finite number >= 0")
+  _need(any(v > 0 for v in loss_cfg.values()), "loss", loss_cfg.to_dict(),
+        "at least one weight must be positive")
+
+
 def validate(config) -> None:
   """Checks the groups a config has, according to its job."""
   job = config.get("job")
@@ -113,6 +121,8 @@ def validate(config) -> None:
                      "config.data.crop_size", fusion=job == "stage2")
   if "fusion" in config and "model" in config:
     validate_fusion(config.fusion, config.model)
+  if "loss" in config:
+    validate_loss(config.loss)
   if job == "demo":
     for part in ("stage1", "stage2", "fuse", "shipped_fuse"):
       if part in config:

@@ -73,3 +73,20 @@ def test_identical_images():
   assert float(terms["loss_in"]) == 0.0
   assert float(terms["ssim_term"]) == pytest.approx(1.0, abs=1e-4)
   assert float(total) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_default_weights_are_the_reference_and_weights_scale_their_terms():
+  keys = jax.random.split(jax.random.PRNGKey(2), 3)
+  fused, a, b = (jnp.tanh(jax.random.normal(k, (1, 16, 16, 1))) for k in keys)
+  ref_total, ref = losses.fusion_loss(fused, a, b)
+  same_total, _ = losses.fusion_loss(fused, a, b, **losses.REFERENCE_WEIGHTS)
+  assert float(same_total) == float(ref_total)
+  assert losses.REFERENCE_WEIGHTS == {"intensity_weight": 1.5, "gradient_weight": 1.0,
+                                      "ssim_weight": 0.5}
+  l1_to_max = float(ref["loss_in"]) / 1.5
+  sobel = float(ref["loss_grad"]) - 0.5 * (1 - float(ref["ssim_term"]))
+  total, terms = losses.fusion_loss(fused, a, b, intensity_weight=4.0, gradient_weight=2.0,
+                                    ssim_weight=0.0)
+  assert float(terms["loss_in"]) == pytest.approx(4.0 * l1_to_max, rel=1e-5)
+  assert float(terms["loss_grad"]) == pytest.approx(2.0 * sobel, rel=1e-5)
+  assert float(total) == pytest.approx(4.0 * l1_to_max + 2.0 * sobel, rel=1e-5)

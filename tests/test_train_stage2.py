@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -54,4 +55,35 @@ def test_stage1_checkpoint_of_another_shape_is_refused(micro_stage1_workdir, tmp
   config.model.inner_channel = 8
   config.stage1_checkpoint = str(micro_stage1_workdir)
   with pytest.raises(CheckpointError, match="inner_channel"):
+    stage2.run(config, str(tmp_path))
+
+
+def test_init_checkpoint_starts_head_and_unet_from_a_two_stage_model(micro_stage2_workdir,
+                                                                     tmp_path):
+  """Configured checkpoint (no stage1_checkpoint): both stages come from it; the
+  loss weights are the config's and are recorded."""
+  config = micro_config("stage2", num_steps=2, checkpoint_every=2, learning_rate=1e-12)
+  config.init_checkpoint = str(micro_stage2_workdir)
+  config.loss.intensity_weight = 4.5
+  stage2.run(config, str(tmp_path))
+  source = checkpointing.CheckpointStore(micro_stage2_workdir / "checkpoints", read_only=True)
+  start = source.restore(2, {"state": None, "unet": None})
+  store = checkpointing.CheckpointStore(tmp_path / "checkpoints", read_only=True)
+  assert store.all_steps() == [2]
+  restored = store.restore(2, {"state": None, "unet": None})
+  np.testing.assert_array_equal(restored["unet"]["init_conv"]["kernel"],
+                                start["unet"]["init_conv"]["kernel"])
+  head, head_start = restored["state"]["params"], start["state"]["params"]
+  for got, want in zip(jax.tree.leaves(head), jax.tree.leaves(head_start)):
+    np.testing.assert_allclose(got, want, atol=1e-9)
+  assert store.read_meta(2)["loss"]["intensity_weight"] == 4.5
+  logged = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  # loss_in is the weighted term: 4.5 x the L1 distance to max(A, B).
+  assert all(m["loss_in"] > 0 for m in logged)
+
+
+def test_init_checkpoint_without_a_head_is_refused(micro_stage1_workdir, tmp_path):
+  config = micro_config("stage2")
+  config.init_checkpoint = str(micro_stage1_workdir)
+  with pytest.raises(CheckpointError, match="holds no fusion model"):
     stage2.run(config, str(tmp_path))

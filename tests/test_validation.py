@@ -25,6 +25,8 @@ def test_shipped_configs_validate(name, preset):
     ("data.crop_size", 72, "crop_size"),
     ("diffusion.schedule", "quadratic", "schedule"),
     ("fusion.feat_scales", [2, 99], "feat_scales"),
+    ("loss.intensity_weight", -1.0, "loss.intensity_weight"),
+    ("loss.ssim_weight", float("nan"), "loss.ssim_weight"),
 ])
 def test_impossible_values_name_their_key(key, value, message):
   config = load_config("stage2", "tiny")
@@ -38,4 +40,17 @@ def test_stage2_crop_too_small_for_reflect_padding():
   config = load_config("stage2", "tiny")
   config.data.crop_size = 32  # 5 levels: coarsest 2 px < 4
   with pytest.raises(ConfigError, match="reflect"):
+    validation.validate(config)
+
+
+def test_stage2_loss_weights_default_to_the_reference():
+  for preset in (None, "tiny", "cpu"):
+    assert load_config("stage2", preset).loss.to_dict() == {
+        "intensity_weight": 1.5, "gradient_weight": 1.0, "ssim_weight": 0.5}
+
+
+def test_all_zero_loss_weights_are_refused():
+  config = load_config("stage2", "tiny")
+  config.loss.update(intensity_weight=0.0, gradient_weight=0.0, ssim_weight=0.0)
+  with pytest.raises(ConfigError, match="at least one weight"):
     validation.validate(config)

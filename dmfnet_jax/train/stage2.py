@@ -28,8 +28,11 @@ HOW_TO_GET_STAGE1 = (
 
 
 def model_meta(config) -> dict:
-  return {"job": "stage2", "model": config.model.to_dict(), "fusion": config.fusion.to_dict(),
+  meta = {"job": "stage2", "model": config.model.to_dict(), "fusion": config.fusion.to_dict(),
           "diffusion": config.diffusion.to_dict()}
+  if "loss" in config:
+    meta["loss"] = config.loss.to_dict()
+  return meta
 
 
 def feature_schedule(config) -> jax.Array:
@@ -49,9 +52,11 @@ def make_fuse_fn(unet, head, sqrt_acp_prev, fusion_cfg):
   return fuse
 
 
-def make_train_step(fuse_fn, tx, lr_factor=None):
-  """One optimizer step of the head; `lr_factor(step)` scales the update (None = 1)."""
+def make_train_step(fuse_fn, tx, lr_factor=None, loss_weights=None):
+  """One optimizer step of the head; `lr_factor(step)` scales the update (None = 1);
+  `loss_weights` ({intensity,gradient,ssim}_weight) default to the reference's."""
   lr_factor = lr_factor or (lambda step: 1.0)
+  loss_weights = dict(loss_weights or {})
 
   def train_step(state: state_lib.TrainState, unet_params, batch):
     key = jax.random.fold_in(state.rng, state.step)
@@ -60,7 +65,7 @@ def make_train_step(fuse_fn, tx, lr_factor=None):
 
     def loss_fn(params):
       fused = fuse_fn(frozen, params, a, b, key)
-      total, terms = losses.fusion_loss(fused, a, b)
+      total, terms = losses.fusion_loss(fused, a, b, **loss_weights)
       return total, terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -69,6 +74,45 @@ def make_train_step(fuse_fn, tx, lr_factor=None):
     return new_state, {"loss": loss, **terms, "lr_factor": jnp.asarray(lr_factor(state.step))}
 
   return train_step
+
+
+def _check_fusion_meta(meta: dict, config, where) -> None:
+  problems = []
+  for group in ("model", "fusion"):
+    if group in meta:
+      current = config[group].to_dict()
+      problems += [f"{group}.{d}" for d in checkpointing.config_mismatch(
+          meta[group], current, keys=sorted(current))]
+  if problems:
+    raise CheckpointError(f"{where} does not match the config:\n  " + "\n  ".join(problems)
+                          + "\nUse the config the model was trained with (e.g. the :tiny preset).")
+
+
+def load_two_stage_params(path: str, config):
+  """(unet_params, head_params) of a two-stage checkpoint: a Stage II workdir or
+  step folder, or an exported/imported model (`params` = {unet, head})."""
+  store, step = checkpointing.open_for_reading(path)
+  where = store.directory / str(step)
+  _check_fusion_meta(store.read_meta(step), config, where)
+  names = store.item_names_at(step)
+  if "params" in names:
+    params = store.restore(step, {"params": None})["params"]
+    if not (isinstance(params, dict) and "unet" in params and "head" in params):
+      raise CheckpointError(f"{where}: holds no fusion model (its params have no 'unet' and "
+                            "'head' parts: a Stage I checkpoint?)")
+    unet_params, head_params = params["unet"], params["head"]
+  elif "state" in names and "unet" in names:
+    restored = store.restore(step, {"state": None, "unet": None})
+    unet_params, head_params = restored["unet"], restored["state"]["params"]
+  else:
+    raise CheckpointError(f"{where}: holds no fusion model (needs Stage I and Stage II "
+                          f"parameters; found items {names})")
+  unet_abstract = unet_lib.abstract_params(config.model)
+  head_abstract = head_lib.abstract_head_params(
+      head_lib.fusion_head_from_config(config.model, config.fusion))
+  unet_params = checkpointing.conform_params(unet_params, unet_abstract, f"{where} (Stage I UNet)")
+  head_params = checkpointing.conform_params(head_params, head_abstract, f"{where} (Stage II head)")
+  return unet_params, head_params
 
 
 def require_stage1_checkpoint(config) -> str:
@@ -105,8 +149,16 @@ def run(config, workdir: str) -> None:
                                         seed=config.seed)
   batches = iter(dataset)
 
+  init_unet = None
+
   def initialise():
-    state, _ = state_lib.init_sharded_state(init_params, tx, init_key, mesh, ema=False)
+    nonlocal init_unet
+    head_params = None
+    if config.get("init_checkpoint"):
+      logging.info("Initialising the head from configured checkpoint %s", config.init_checkpoint)
+      init_unet, head_params = load_two_stage_params(config.init_checkpoint, config)
+    state, _ = state_lib.init_sharded_state(init_params, tx, init_key, mesh, ema=False,
+                                            params=head_params)
     return state
 
   state, start_step, extras = setup.restore_or_initialise(
@@ -116,6 +168,9 @@ def run(config, workdir: str) -> None:
       extra_targets={"unet": checkpointing.abstract_with_shardings(abstract_unet, unet_shardings)})
   if start_step:
     unet_params = extras["unet"]
+  elif init_unet is not None and not config.get("stage1_checkpoint"):
+    logging.info("Using the frozen Stage I UNet of %s", config.init_checkpoint)
+    unet_params = jax.device_put(init_unet, unet_shardings)
   else:
     source = require_stage1_checkpoint(config)
     logging.info("Loading the frozen Stage I UNet from %s", source)
@@ -123,7 +178,8 @@ def run(config, workdir: str) -> None:
 
   batch_sharding = sharding_lib.batch_sharding(mesh)
   lr_factor = state_lib.learning_rate_factor(config.train)
-  train_step = jax.jit(make_train_step(fuse_fn, tx, lr_factor),
+  loss_weights = config.loss.to_dict() if "loss" in config else None
+  train_step = jax.jit(make_train_step(fuse_fn, tx, lr_factor, loss_weights),
                        in_shardings=(shardings, unet_shardings, batch_sharding),
                        out_shardings=(shardings, replicated), donate_argnums=0)
   step_with_unet = lambda s, batch: train_step(s, unet_params, batch)
