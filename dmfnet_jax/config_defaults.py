@@ -106,6 +106,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
           grad_clip_norm=0.0,  # 0 = off (reference)
           lr_schedule="constant",  # reference; or "linear_decay" (to 0 at num_steps)
           decay_start_step=0,  # linear_decay: the rate is constant before this step
+          warmup_steps=0,  # 0 = none (reference); else the rate ramps up linearly over these
           ema_decay=0.0,  # 0 = off (reference)
           compute_dtype="float32",  # or "bfloat16": bf16 compute, fp32 params/opt state
           log_every=50,

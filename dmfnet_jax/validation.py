@@ -84,6 +84,8 @@ def validate_train(cfg, *, stage: str) -> None:
   if cfg.get("lr_schedule") == "linear_decay":
     _need(0 <= cfg.decay_start_step < cfg.num_steps, "train.decay_start_step",
           cfg.decay_start_step, f"must be in [0, train.num_steps={cfg.num_steps})")
+  _need(cfg.get("warmup_steps", 0) >= 0, "train.warmup_steps", cfg.get("warmup_steps"),
+        "must be >= 0")
   _need(cfg.preview_every >= 0, "train.preview_every", cfg.preview_every, "must be >= 0")
   _need(cfg.compute_dtype in ("float32", "bfloat16"), "train.compute_dtype", cfg.compute_dtype,
         "use 'float32' or 'bfloat16'")

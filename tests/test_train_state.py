@@ -28,6 +28,16 @@ def test_linear_decay_holds_then_falls_to_zero():
   np.testing.assert_allclose(values, [1.0, 1.0, 0.5, 0.25, 0.0, 0.0])
 
 
+@pytest.mark.parametrize("kind", ["constant", "linear_decay"])
+def test_warmup_ramps_up_then_leaves_the_schedule(kind):
+  factor = state_lib.learning_rate_factor(_train_cfg(lr_schedule=kind, decay_start_step=60,
+                                                     warmup_steps=10))
+  values = [float(factor(jnp.int32(s))) for s in (0, 4, 9, 60, 80)]
+  tail = [1.0, 0.5] if kind == "linear_decay" else [1.0, 1.0]
+  np.testing.assert_allclose(values, [0.1, 0.5, 1.0] + tail, rtol=1e-6)
+  assert float(state_lib.learning_rate_factor(_train_cfg(lr_schedule=kind))(jnp.int32(0))) == 1.0
+
+
 def test_schedule_does_not_change_the_optimizer_state():
   """So a run can resume under another schedule."""
   params = {"w": jnp.ones((3,))}
@@ -53,6 +63,8 @@ def test_bad_schedule_settings_name_the_setting():
     state_lib.learning_rate_factor(_train_cfg(lr_schedule="cosine"))
   with pytest.raises(ConfigError, match="train.lr_schedule"):
     validation.validate_train(_train_cfg(lr_schedule="cosine"), stage="stage2")
+  with pytest.raises(ConfigError, match="train.warmup_steps"):
+    validation.validate_train(_train_cfg(warmup_steps=-1), stage="stage2")
   with pytest.raises(ConfigError, match="train.decay_start_step"):
     validation.validate_train(_train_cfg(lr_schedule="linear_decay", decay_start_step=100),
                               stage="stage2")

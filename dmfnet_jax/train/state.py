@@ -45,20 +45,28 @@ def learning_rate_factor(train_cfg) -> Callable[[jax.Array], jax.Array]:
 
   `constant` (the reference: its decay is stepped only after the last epoch) is 1.
   `linear_decay` holds 1 until `train.decay_start_step`, then falls linearly to 0 at
-  `train.num_steps` (a stable-then-decay tail for short runs). It scales the optimizer's updates instead of living inside the
-  optimizer, so the optimizer state is the same for every schedule and a run may
-  switch schedule when it resumes.
+  `train.num_steps` (a stable-then-decay tail for short runs). `train.warmup_steps`
+  (0 = none, the reference) ramps the factor linearly up over the first steps, e.g.
+  while a fine-tune's fresh Adam moments settle. It scales the optimizer's updates
+  instead of living inside the optimizer, so the optimizer state is the same for every
+  schedule and a run may switch schedule when it resumes.
   """
   kind = train_cfg.get("lr_schedule", "constant")
   if kind == "constant":
-    return lambda step: jnp.float32(1.0)
-  if kind == "linear_decay":
+    schedule = lambda step: jnp.float32(1.0)
+  elif kind == "linear_decay":
     start = float(train_cfg.decay_start_step)
     length = max(float(train_cfg.num_steps) - start, 1.0)
-    return lambda step: jnp.clip((float(train_cfg.num_steps) - step) / length, 0.0, 1.0
-                                 ).astype(jnp.float32)
-  raise ConfigError(f"config.train.lr_schedule='{kind}': use one of "
-                    f"{', '.join(config_defaults.LR_SCHEDULES)}")
+    schedule = lambda step: jnp.clip((float(train_cfg.num_steps) - step) / length, 0.0, 1.0
+                                     ).astype(jnp.float32)
+  else:
+    raise ConfigError(f"config.train.lr_schedule='{kind}': use one of "
+                      f"{', '.join(config_defaults.LR_SCHEDULES)}")
+  warmup = int(train_cfg.get("warmup_steps", 0))
+  if warmup <= 0:
+    return schedule
+  return lambda step: (schedule(step) * jnp.clip((step + 1.0) / warmup, 0.0, 1.0)
+                       ).astype(jnp.float32)
 
 
 def apply_gradients(state: "TrainState", grads: Any, tx: optax.GradientTransformation,
