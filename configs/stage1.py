@@ -5,8 +5,10 @@ medical images (SPEC.md §1). Reference hyper-parameters: 160x160 crops, batch o
 one pair (2 images), AdamW lr 1e-5, cosine schedule with T=2000, ~630k steps.
 
 Presets (`--config=configs/stage1.py:tiny`): `tiny` is a CPU-sized model (32
-inner channels, 64x64 crops) for demos and tests; `cpu` is the recipe of the
-shipped model (32 inner channels, Harvard train split, a few CPU hours). Data: `--config.data.root=`
+inner channels, 64x64 crops) for demos and tests; `cpu` holds the settings of the
+shipped model (32 inner channels, Harvard train split, 64x64 crops, batch 8; the
+phases and step counts it was trained in are in MODEL_CARD.md). `config.init_checkpoint`
+starts from another Stage I UNet (a workdir, or an exported two-stage model). Data: `--config.data.root=`
 a folder in the Harvard layout (empty = built-in synthetic phantoms).
 """
 

@@ -7,8 +7,9 @@ Reference: Adam lr 1e-4, batch 1, 160x160 crops with flips, 300 epochs over the
 689 Harvard training pairs (~206,700 steps).
 
 Presets: `configs/stage2.py:tiny` (the tiny UNet, 64x64 crops) for CPU demos/tests;
-`cpu`: the recipe of the shipped model (Harvard train split, 96x96 crops, 2 pairs per
-step, a linear learning-rate decay over the last 1,800 of 8,800 steps).
+`cpu`: the settings of the shipped model (Harvard train split, 96x96 crops, 2 pairs per
+step, a linear learning-rate decay over the last 1,800 of 8,800 steps; the later phases,
+which start from `config.init_checkpoint`, are in MODEL_CARD.md).
 `config.stage1_checkpoint` is a Stage I workdir, an Orbax checkpoint folder, or a
 reference `.pth`. The checkpoints written here hold both stages: point
 `configs/fuse.py`'s `config.checkpoint` at this workdir.
