@@ -30,11 +30,10 @@ def main() -> int:
   parser.add_argument("--workers", type=int, default=0, help="threads (0 = all CPU cores)")
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
-  root = paths.harvard_root()
-  if not (root / "splits.json").is_file():
-    print(f"Harvard data not found at {root}; set {paths.SHARED_ENV_VAR} to the folder "
-          "holding data/harvard", file=sys.stderr)
+  if paths.harvard_missing_reason():
+    print(paths.harvard_missing_reason(), file=sys.stderr)
     return 2
+  root = paths.harvard_root()
   methods = evaluate.parse_methods(METHODS)
   best = None
   for _ in range(max(1, args.repeats)):

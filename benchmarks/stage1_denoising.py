@@ -62,11 +62,10 @@ def main() -> int:
   parser.add_argument("--preset", default="cpu", help="configs/stage1.py preset of the model")
   parser.add_argument("--timesteps", default="5,10,20,100,300,600,1000,1500")
   args = parser.parse_args()
-  root = paths.harvard_root()
-  if not (root / "splits.json").is_file():
-    print(f"Harvard data not found at {root}; set {paths.SHARED_ENV_VAR} to the folder "
-          "holding data/harvard", file=sys.stderr)
+  if paths.harvard_missing_reason():
+    print(paths.harvard_missing_reason(), file=sys.stderr)
     return 2
+  root = paths.harvard_root()
   config = stage1_config(args.preset)
   unet = unet_lib.unet_from_config(config.model)
   sqrt_acp_prev = np.asarray(diffusion.schedule_from_config(config.diffusion).sqrt_alphas_cumprod_prev)

@@ -24,6 +24,14 @@ def harvard_root() -> pathlib.Path:
   return shared_root() / "data" / "harvard"
 
 
+def harvard_missing_reason() -> str:
+  """Empty when the Harvard data is there; else why not, for scripts that need it."""
+  root = harvard_root()
+  if (root / "splits.json").is_file():
+    return ""
+  return f"Harvard data not found at {root}; set {SHARED_ENV_VAR} to the folder holding data/harvard"
+
+
 def dmfnet_outputs_root() -> pathlib.Path:
   return shared_root() / "data" / "dmfnet_outputs"
 
