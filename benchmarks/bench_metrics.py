@@ -30,8 +30,9 @@ def main() -> int:
   parser.add_argument("--workers", type=int, default=0, help="threads (0 = all CPU cores)")
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
-  if paths.harvard_missing_reason():
-    print(paths.harvard_missing_reason(), file=sys.stderr)
+  missing = paths.harvard_missing_reason()
+  if missing:
+    print(missing, file=sys.stderr)
     return 2
   root = paths.harvard_root()
   methods = evaluate.parse_methods(METHODS)

@@ -15,7 +15,6 @@ dmfnet_jax.paths (set DMFNET_SHARED to the shared folder).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
@@ -27,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dmfnet_jax import diffusion, imageio, paths  # noqa: E402
+from dmfnet_jax import config_defaults, diffusion, imageio, paths  # noqa: E402
 from dmfnet_jax.data import pairs as pairs_lib  # noqa: E402
 from dmfnet_jax.data import pipeline  # noqa: E402
 from dmfnet_jax.models import unet as unet_lib  # noqa: E402
@@ -35,13 +34,6 @@ from dmfnet_jax.train.stage1 import load_unet_params  # noqa: E402
 
 TASKS = ("MRI-CT", "MRI-PET", "MRI-SPECT")
 CROP = 128
-
-
-def stage1_config(preset: str):
-  spec = importlib.util.spec_from_file_location("stage1_config", REPO / "configs" / "stage1.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
 
 
 def test_crops(root: pathlib.Path) -> np.ndarray:
@@ -59,30 +51,32 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoints", required=True,
                       help="comma-separated Stage I/II workdirs, step folders or exported models")
-  parser.add_argument("--preset", default="cpu", help="configs/stage1.py preset of the model")
+  parser.add_argument("--preset", default="cpu", help="model preset (reference, tiny, cpu)")
   parser.add_argument("--timesteps", default="5,10,20,100,300,600,1000,1500")
   args = parser.parse_args()
-  if paths.harvard_missing_reason():
-    print(paths.harvard_missing_reason(), file=sys.stderr)
+  missing = paths.harvard_missing_reason()
+  if missing:
+    print(missing, file=sys.stderr)
     return 2
   root = paths.harvard_root()
-  config = stage1_config(args.preset)
-  unet = unet_lib.unet_from_config(config.model)
-  sqrt_acp_prev = np.asarray(diffusion.schedule_from_config(config.diffusion).sqrt_alphas_cumprod_prev)
+  model_cfg = config_defaults.model_config(args.preset)
+  diffusion_cfg = config_defaults.diffusion_config("cosine")  # Stage I's training schedule
+  unet = unet_lib.unet_from_config(model_cfg)
+  sqrt_acp_prev = np.asarray(diffusion.schedule_from_config(diffusion_cfg).sqrt_alphas_cumprod_prev)
   x0 = jnp.asarray(test_crops(root))
   timesteps = [int(t) for t in args.timesteps.split(",")]
   noise = jax.random.normal(jax.random.PRNGKey(0), (len(timesteps),) + x0.shape)
   predict = jax.jit(lambda params, x, g: unet.apply({"params": params}, x, g, train=False))
   results = {}
   for checkpoint in args.checkpoints.split(","):
-    params = load_unet_params(checkpoint, config.model)
+    params = load_unet_params(checkpoint, model_cfg)
     mse = {}
     for i, t in enumerate(timesteps):
       g = jnp.full((x0.shape[0],), sqrt_acp_prev[t], jnp.float32)
       x_t = diffusion.q_sample(x0, g, noise[i])
       mse[t] = float(jnp.mean((predict(params, x_t, g) - x0) ** 2))
     results[checkpoint] = {"x0_mse": mse, "mean": float(np.mean(list(mse.values())))}
-  print(json.dumps({"images": int(x0.shape[0]), "crop": CROP, "schedule": config.diffusion.schedule,
+  print(json.dumps({"images": int(x0.shape[0]), "crop": CROP, "schedule": diffusion_cfg.schedule,
                     "checkpoints": results}, indent=1))
   return 0
 

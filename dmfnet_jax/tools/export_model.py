@@ -21,18 +21,12 @@ from absl import app, flags
 def export(checkpoint: str, out: str, extra_meta: dict | None = None) -> pathlib.Path:
   from dmfnet_jax.errors import CheckpointError  # pylint: disable=g-import-not-at-top
   from dmfnet_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+  from dmfnet_jax.train.stage2 import restore_two_stage  # pylint: disable=g-import-not-at-top
 
   store, step = checkpointing.open_for_reading(checkpoint)
   meta = store.read_meta(step)
-  names = store.item_names_at(step)
-  if "params" in names:
-    params = store.restore(step, {"params": None})["params"]
-  elif {"state", "unet"} <= set(names):
-    restored = store.restore(step, {"state": None, "unet": None})
-    params = {"unet": restored["unet"], "head": restored["state"]["params"]}
-  else:
-    raise CheckpointError(f"{store.directory / str(step)}: not a two-stage checkpoint "
-                          f"(items {names})")
+  unet_params, head_params = restore_two_stage(store, step)
+  params = {"unet": unet_params, "head": head_params}
   out_path = pathlib.Path(out)
   if out_path.exists() and any(out_path.iterdir()):
     raise CheckpointError(f"--out={out}: folder exists and is not empty")

@@ -88,25 +88,31 @@ def _check_fusion_meta(meta: dict, config, where) -> None:
                           + "\nUse the config the model was trained with (e.g. the :tiny preset).")
 
 
-def load_two_stage_params(path: str, config):
-  """(unet_params, head_params) of a two-stage checkpoint: a Stage II workdir or
-  step folder, or an exported/imported model (`params` = {unet, head})."""
-  store, step = checkpointing.open_for_reading(path)
+def restore_two_stage(store: checkpointing.CheckpointStore, step: int):
+  """Raw (unet_params, head_params) at `step`: exported/imported models hold
+  `params` = {unet, head}; Stage II checkpoints hold `state` (the head) and `unet`."""
   where = store.directory / str(step)
-  _check_fusion_meta(store.read_meta(step), config, where)
   names = store.item_names_at(step)
   if "params" in names:
     params = store.restore(step, {"params": None})["params"]
     if not (isinstance(params, dict) and "unet" in params and "head" in params):
       raise CheckpointError(f"{where}: holds no fusion model (its params have no 'unet' and "
                             "'head' parts: a Stage I checkpoint?)")
-    unet_params, head_params = params["unet"], params["head"]
-  elif "state" in names and "unet" in names:
+    return params["unet"], params["head"]
+  if "state" in names and "unet" in names:
     restored = store.restore(step, {"state": None, "unet": None})
-    unet_params, head_params = restored["unet"], restored["state"]["params"]
-  else:
-    raise CheckpointError(f"{where}: holds no fusion model (needs Stage I and Stage II "
-                          f"parameters; found items {names})")
+    return restored["unet"], restored["state"]["params"]
+  raise CheckpointError(f"{where}: holds no fusion model (needs Stage I and Stage II "
+                        f"parameters; found items {names})")
+
+
+def load_two_stage_params(path: str, config):
+  """(unet_params, head_params) of a two-stage checkpoint (a Stage II workdir or step
+  folder, or an exported/imported model), checked against `config`'s model."""
+  store, step = checkpointing.open_for_reading(path)
+  where = store.directory / str(step)
+  _check_fusion_meta(store.read_meta(step), config, where)
+  unet_params, head_params = restore_two_stage(store, step)
   unet_abstract = unet_lib.abstract_params(config.model)
   head_abstract = head_lib.abstract_head_params(
       head_lib.fusion_head_from_config(config.model, config.fusion))
