@@ -110,7 +110,8 @@ def test_compare_to_counts_metrics_at_least_as_good():
   assert headers[-1] == "total" and rows[0][-1] == "2/11" and rows[0][2:4] == ["✓", "✓"]
 
 
-def test_compare_to_must_name_a_method(tmp_path):
+def test_compare_to_must_name_a_method(dmfnet_outputs_root, tmp_path):
+  """The :dmfnet preset reads the published outputs, so it needs the shared data."""
   _, config = _config("dmfnet")
   config.evaluate.compare_to = "DM-FNET"
   with pytest.raises(ConfigError, match="compare_to='DM-FNET'"):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from dmfnet_jax.train import checkpointing, stage1
-from dmfnet_jax.train.loop import TrainingDiverged
+from dmfnet_jax.train.loop import STEP_DELAY_ENV, TrainingDiverged
 from conftest import REPO_ROOT, micro_config
 
 NUM_STEPS = 12
@@ -44,7 +44,8 @@ TMP_MARK = ".orbax-checkpoint-tmp"
 class Training:
   """One `dmfnet_jax.main` Stage I process writing into `workdir`."""
 
-  def __init__(self, workdir: pathlib.Path, *extra_flags: str, save_delay: float = 0.0):
+  def __init__(self, workdir: pathlib.Path, *extra_flags: str, save_delay: float = 0.0,
+               step_delay: float = 0.0):
     self.workdir = workdir
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
@@ -52,6 +53,9 @@ class Training:
     env.pop(checkpointing.SAVE_DELAY_ENV, None)
     if save_delay:
       env[checkpointing.SAVE_DELAY_ENV] = str(save_delay)
+    env.pop(STEP_DELAY_ENV, None)
+    if step_delay:
+      env[STEP_DELAY_ENV] = str(step_delay)
     workdir.parent.mkdir(parents=True, exist_ok=True)
     self.log_path = workdir.parent / f"{workdir.name}.{time.monotonic_ns()}.log"
     self._log = open(self.log_path, "w")
@@ -168,7 +172,9 @@ def test_sigkill_mid_step_and_mid_save_resume_from_last_complete_checkpoint(refe
   workdir = tmp_path / "run"
 
   # 1. Killed while training: past the first complete checkpoint, no save in flight.
-  training = Training(workdir)
+  #    (Slowed steps: with a warm compile cache the 12 micro steps can otherwise all
+  #    run between two polls.)
+  training = Training(workdir, step_delay=0.5)
   training.wait_until(
       lambda: last_logged_step(workdir) >= CHECKPOINT_EVERY + 1 and complete_steps(workdir)
       and not temporary_dirs(workdir), "a complete checkpoint and a step after it")

@@ -25,6 +25,10 @@ from absl import logging
 from dmfnet_jax.errors import DmfnetError
 from dmfnet_jax.train.checkpointing import CheckpointStore, as_path, is_local
 
+# Test hook (tests/test_fault_tolerance.py): seconds to wait after each step, so a
+# test can kill a run between two steps however fast the steps are. Unset in normal use.
+STEP_DELAY_ENV = "DMFNET_TEST_STEP_DELAY"
+
 
 class TrainingDiverged(DmfnetError):
   """The loss became NaN or infinite."""
@@ -168,6 +172,7 @@ def run_loop(*, state: Any, start_step: int, train_step: Callable, batches: Iter
     last_saved = step
 
   stopped_by = "done"
+  step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
   window_start, window_steps = time.perf_counter(), 0
   try:
     with PreemptionWatcher() as preemption:
@@ -175,6 +180,8 @@ def run_loop(*, state: Any, start_step: int, train_step: Callable, batches: Iter
         batch = to_global(next(batches))
         state, metrics = train_step(state, batch)
         step += 1
+        if step_delay:
+          time.sleep(step_delay)
         window_steps += 1
         if progress is not None:
           progress.update(1)
