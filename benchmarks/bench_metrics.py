@@ -19,10 +19,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from dmfnet_jax import evaluate, paths  # noqa: E402
+from dmfnet_jax import config_defaults, evaluate, paths  # noqa: E402
 
 METHODS = {name: f"baseline:{name}" for name in ("max", "mean", "laplacian", "wavelet")}
-TASKS = ("MRI-CT", "MRI-PET", "MRI-SPECT")
 
 
 def main() -> int:
@@ -30,16 +29,12 @@ def main() -> int:
   parser.add_argument("--workers", type=int, default=0, help="threads (0 = all CPU cores)")
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
-  missing = paths.harvard_missing_reason()
-  if missing:
-    print(missing, file=sys.stderr)
-    return 2
-  root = paths.harvard_root()
+  root = paths.harvard_root_or_exit()
   methods = evaluate.parse_methods(METHODS)
   best = None
   for _ in range(max(1, args.repeats)):
     wall, cpu = time.perf_counter(), time.process_time()
-    result = evaluate.evaluate(root, TASKS, "test", methods, num_workers=args.workers)
+    result = evaluate.evaluate(root, config_defaults.TASKS, "test", methods, num_workers=args.workers)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if best is None or wall < best[0]:
       best = (wall, cpu, result)

@@ -40,7 +40,8 @@ def main():
   from dmfnet_jax import config_defaults as defaults
   from dmfnet_jax.models import fusion_head as head_lib
   from dmfnet_jax.models import unet as unet_lib
-  from dmfnet_jax.train import sharding as sharding_lib
+  from dmfnet_jax import sharding as sharding_lib
+  from dmfnet_jax import inference
   from dmfnet_jax.train import stage1, stage2
   from dmfnet_jax.train import state as state_lib
   from dmfnet_jax import diffusion
@@ -98,7 +99,7 @@ def main():
       head_params = random_like(head_lib.abstract_head_params(head))
       state = state_lib.create_state(lambda r: head_params, tx, jax.random.PRNGKey(0), ema=False)
       sched = diffusion.make_schedule("linear", 2000, 1e-6, 1e-2)
-      fuse_fn = stage2.make_fuse_fn(unet, head, jnp.asarray(sched.sqrt_alphas_cumprod_prev, jnp.float32), fusion_cfg)
+      fuse_fn = inference.make_fuse_fn(unet, head, jnp.asarray(sched.sqrt_alphas_cumprod_prev, jnp.float32), fusion_cfg)
       shardings = state_lib.state_shardings(jax.eval_shape(lambda: state), mesh)
       state = jax.device_put(state, shardings)
       unet_sh = sharding_lib.tree_shardings(unet_params, mesh)

@@ -30,14 +30,13 @@ from dmfnet_jax import config_defaults, diffusion, imageio, paths  # noqa: E402
 from dmfnet_jax.data import pairs as pairs_lib  # noqa: E402
 from dmfnet_jax.data import pipeline  # noqa: E402
 from dmfnet_jax.models import unet as unet_lib  # noqa: E402
-from dmfnet_jax.train.stage1 import load_unet_params  # noqa: E402
+from dmfnet_jax.inference import load_unet_params  # noqa: E402
 
-TASKS = ("MRI-CT", "MRI-PET", "MRI-SPECT")
 CROP = 128
 
 
 def test_crops(root: pathlib.Path) -> np.ndarray:
-  scan = pairs_lib.find_split_pairs(root, TASKS, "test")
+  scan = pairs_lib.find_split_pairs(root, config_defaults.TASKS, "test")
   crops = []
   for pair in scan.pairs[::15]:
     for path in (pair.path_a, pair.path_b):
@@ -54,11 +53,7 @@ def main() -> int:
   parser.add_argument("--preset", default="cpu", help="model preset (reference, tiny, cpu)")
   parser.add_argument("--timesteps", default="5,10,20,100,300,600,1000,1500")
   args = parser.parse_args()
-  missing = paths.harvard_missing_reason()
-  if missing:
-    print(missing, file=sys.stderr)
-    return 2
-  root = paths.harvard_root()
+  root = paths.harvard_root_or_exit()
   model_cfg = config_defaults.model_config(args.preset)
   diffusion_cfg = config_defaults.diffusion_config("cosine")  # Stage I's training schedule
   unet = unet_lib.unet_from_config(model_cfg)

@@ -9,37 +9,29 @@ trained model, so the same phantoms are then fused by the shipped trained model
 training. Default workdir: runs/demo.
 """
 
-import importlib.util
-import pathlib
-
-_CONFIGS = pathlib.Path(__file__).resolve().parent
+from dmfnet_jax import config_defaults as defaults
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(f"_dmfnet_config_{name}", _CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _load(name, preset=None):
+  return defaults.sibling_config(__file__, name, preset)
 
 
 def get_config(arg=None):
   del arg
-  from dmfnet_jax import config_defaults as defaults
-
   config = defaults.base_config(job="demo")
-  # The tiny recipe with the shipped model's structure (image_size 256: attention
-  # only at the 16x16 level), which stays cheap when fusing 256x256 images.
-  stage1 = _load("stage1").get_config("tiny")
+  # The tiny recipe with the shipped model's structure (the `cpu` model preset),
+  # which stays cheap when fusing 256x256 images.
+  stage1 = _load("stage1", "tiny")
   stage1.train.update(num_steps=30, log_every=10, checkpoint_every=30, preview_every=30,
                       preview_count=2, preview_steps=50)
-  stage2 = _load("stage2").get_config("tiny")
+  stage2 = _load("stage2", "tiny")
   stage2.train.update(num_steps=20, log_every=10, checkpoint_every=20, preview_every=20)
-  fuse = _load("fuse").get_config("tiny")
+  fuse = _load("fuse", "tiny")
   fuse.fuse.phantom_count = 2  # per task
   for sub in (stage1, stage2, fuse):
     sub.data.phantom_count = 12
     sub.model = defaults.model_config("cpu")
   config.stage1, config.stage2, config.fuse = stage1, stage2, fuse
   config.compare_with_shipped_model = True
-  config.shipped_fuse = _load("fuse").get_config()  # the shipped model; inputs set by the job
+  config.shipped_fuse = _load("fuse")  # the shipped model; inputs set by the job
   return config

@@ -1,6 +1,6 @@
 r"""python -m dmfnet_jax.main --config=configs/evaluate.py --workdir=runs/evaluate
 
-Score fused images with the reference metrics (SPEC.md §3: EN SD SF AG MI SCD VIF
+Score fused images with the reference metrics (docs/model.md §7: EN SD SF AG MI SCD VIF
 Qabf SSIM PSNR CC, all higher-is-better) against their sources, per image and per
 task (mean and std), and mark the best method per metric.
 
@@ -15,7 +15,7 @@ Methods: `evaluate.methods` maps a display name to what to score, one of
                        (png, jpg, jpeg, bmp, tif, tiff; the fuse job writes the first layout);
   "baseline:<name>"    a classical baseline computed on the fly, <name> one of
                        max, mean, laplacian, wavelet. It is scored on its grayscale
-                       fused luma, as SPEC.md §4's max/mean rows are; append
+                       fused luma, as MODEL_CARD.md's max/mean rows are; append
                        ":colour" ("baseline:max:colour") to score the colourised image
                        the fuse job would write instead.
 On the command line, add methods with
@@ -33,27 +33,24 @@ it is at least as good as method NAME ("k of 11"), in per_task.md, the report an
 evaluation.json["comparison"].
 
 Presets: `configs/evaluate.py:dmfnet` scores the published DM-FNet outputs
-(dmfnet_jax.paths.dmfnet_outputs_root()) with the max and mean baselines on the
-`dmfnet_side_by_side` pairs, reproducing SPEC.md §4's table, with every other
+(the published images; see README, Evaluation) with the max and mean baselines on the
+`dmfnet_side_by_side` pairs, reproducing MODEL_CARD.md's DM-FNet rows, with every other
 method compared to DM-FNet (`compare_to`).
 """
 
 import ml_collections
 
-from dmfnet_jax import paths
-
-TASKS = ["MRI-CT", "MRI-PET", "MRI-SPECT"]
+from dmfnet_jax import config_defaults as defaults
 
 
 def get_config(arg=None):
   preset = arg or "default"
-  if preset not in ("default", "dmfnet"):
-    raise ValueError(f"configs/evaluate.py: unknown preset '{preset}' (use 'dmfnet' or nothing)")
+  defaults.check_preset("evaluate.py", preset, ("default", "dmfnet"))
   config = ml_collections.ConfigDict()
   config.job = "evaluate"
   config.data = ml_collections.ConfigDict()
-  config.data.root = str(paths.harvard_root())
-  config.data.tasks = tuple(TASKS)  # a tuple: overridable from the command line
+  config.data.root = defaults.harvard_root()
+  config.data.tasks = defaults.TASKS  # a tuple: overridable from the command line
   config.data.split = "test"
   config.evaluate = ml_collections.ConfigDict()
   config.evaluate.methods = ml_collections.ConfigDict({
@@ -71,7 +68,7 @@ def get_config(arg=None):
   if preset == "dmfnet":
     config.data.split = "dmfnet_side_by_side"
     config.evaluate.methods = ml_collections.ConfigDict({
-        "DM-FNet": str(paths.dmfnet_outputs_root()),
+        "DM-FNet": defaults.dmfnet_outputs_root(),
         "max": "baseline:max",
         "mean": "baseline:mean",
     })

@@ -21,16 +21,13 @@ weights), `:tiny`, or `:cpu` (the shipped model's structure, the default).
 """
 
 from dmfnet_jax import config_defaults as defaults
-from dmfnet_jax import paths
 
 
 def get_config(arg=None):
   preset = arg or "cpu"
-  if preset not in ("reference", "tiny", "cpu"):
-    raise ValueError(
-        f"configs/fuse.py: unknown preset '{preset}' (use 'reference', 'tiny', 'cpu' or nothing)")
+  defaults.check_preset("fuse.py", preset, ('reference', 'tiny', 'cpu'))
   config = defaults.base_config(job="fuse")
-  config.checkpoint = str(paths.shipped_model_dir()) if preset == "cpu" else ""
+  config.checkpoint = defaults.shipped_model_dir() if preset == "cpu" else ""
   config.model = defaults.model_config(preset)
   config.diffusion = defaults.diffusion_config("linear")
   config.fusion = defaults.fusion_config()

@@ -1,7 +1,7 @@
 r"""python -m dmfnet_jax.main --config=configs/stage1.py --workdir=runs/stage1
 
 Stage I: train the SR3-style UNet as a predict-x0 diffusion model on single
-medical images (SPEC.md §1). Reference hyper-parameters: 160x160 crops, batch of
+medical images (docs/model.md §1-2). Reference hyper-parameters: 160x160 crops, batch of
 one pair (2 images), AdamW lr 1e-5, cosine schedule with T=2000, ~630k steps.
 
 Presets (`--config=configs/stage1.py:tiny`): `tiny` is a CPU-sized model (32
@@ -17,8 +17,7 @@ from dmfnet_jax import config_defaults as defaults
 
 def get_config(arg=None):
   preset = arg or "reference"
-  if preset not in ("reference", "tiny", "cpu"):
-    raise ValueError(f"configs/stage1.py: unknown preset '{preset}' (use 'tiny', 'cpu' or nothing)")
+  defaults.check_preset("stage1.py", preset, ('reference', 'tiny', 'cpu'))
   config = defaults.base_config(job="stage1")
   config.model = defaults.model_config(preset)
   config.diffusion = defaults.diffusion_config("cosine")
@@ -32,8 +31,7 @@ def get_config(arg=None):
                         checkpoint_every=100, preview_every=100, preview_count=2)
     config.train.preview_steps = 50
   if preset == "cpu":
-    from dmfnet_jax import paths  # pylint: disable=g-import-not-at-top
-    config.data.root = str(paths.harvard_root())
+    config.data.root = defaults.harvard_root()
     config.data.crop_size = 64
     config.train.update(num_steps=2500, batch_size=8, learning_rate=1e-4, log_every=50,
                         checkpoint_every=250, preview_every=1250, preview_count=4,

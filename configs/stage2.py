@@ -2,7 +2,7 @@ r"""python -m dmfnet_jax.main --config=configs/stage2.py --workdir=runs/stage2 -
 
 Stage II: freeze the Stage I UNet, extract its decoder features from copies of
 both sources noised at timesteps 5, 10 and 20 (linear schedule), and train the
-fusion head with the hybrid intensity/gradient/SSIM loss (SPEC.md §2).
+fusion head with the hybrid intensity/gradient/SSIM loss (docs/model.md §3-5).
 Reference: Adam lr 1e-4, batch 1, 160x160 crops with flips, 300 epochs over the
 689 Harvard training pairs (~206,700 steps).
 
@@ -20,8 +20,7 @@ from dmfnet_jax import config_defaults as defaults
 
 def get_config(arg=None):
   preset = arg or "reference"
-  if preset not in ("reference", "tiny", "cpu"):
-    raise ValueError(f"configs/stage2.py: unknown preset '{preset}' (use 'tiny', 'cpu' or nothing)")
+  defaults.check_preset("stage2.py", preset, ('reference', 'tiny', 'cpu'))
   config = defaults.base_config(job="stage2")
   config.stage1_checkpoint = ""
   # Optional: a two-stage checkpoint (a Stage II workdir, an exported or imported model)
@@ -41,8 +40,7 @@ def get_config(arg=None):
     config.train.update(num_steps=100, batch_size=2, log_every=10, checkpoint_every=50,
                         preview_every=50)
   if preset == "cpu":
-    from dmfnet_jax import paths  # pylint: disable=g-import-not-at-top
-    config.data.root = str(paths.harvard_root())
+    config.data.root = defaults.harvard_root()
     config.data.crop_size = 96
     # Adam 1e-4 as the reference, held to step 7,000, then annealed linearly to 0 at
     # 8,800 (a stable-then-decay tail; its effect is measured in MODEL_CARD.md).

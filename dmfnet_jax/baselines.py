@@ -2,9 +2,9 @@
 
 Each fuses the two sources' luma in float (0..255) and, like the fuse job, writes
 uint8 with the colour of a PET/SPECT source restored through
-`imageio.colourise`. SPEC.md §4's "max" and "mean" rows are the grayscale
-fused luma (`fuse_luma_baseline`), which is what the evaluate job scores; the
-colourised image differs wherever the restored colour clips.
+`imageio.colourise`. The "max" and "mean" rows of docs/model.md §7 are the
+grayscale fused luma (`fuse_luma_baseline`), which is what the evaluate job scores;
+the colourised image differs wherever the restored colour clips.
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ def source_luma(image: np.ndarray) -> np.ndarray:
   """
   image = np.asarray(image)
   if image.ndim == 3:
-    if image.dtype == np.uint16:
-      image = (image.astype(np.float32) / 65535.0 * 255.0).round().astype(np.uint8)
-    return imageio.opencv_luma_uint8(image).astype(np.float64)
+    return imageio.opencv_luma_uint8(imageio.uint16_to_uint8(image)).astype(np.float64)
   if image.dtype == np.uint16:
     return image.astype(np.float64) / 257.0
   return image.astype(np.float64)
@@ -111,10 +109,6 @@ BASELINES: Dict[str, LumaFuser] = {
 }
 
 
-def baseline_names() -> Tuple[str, ...]:
-  return tuple(BASELINES)
-
-
 def get_baseline(name: str) -> LumaFuser:
   try:
     return BASELINES[name]
@@ -130,9 +124,3 @@ def fuse_luma_baseline(name: str, mri_img: np.ndarray, other_img: np.ndarray) ->
   fused = get_baseline(name)(a, b)
   return np.clip(np.round(fused), 0, 255).astype(np.uint8)
 
-
-def fuse_pair_baseline(name: str, mri_img: np.ndarray, other_img: np.ndarray) -> np.ndarray:
-  """Baseline fused image as the fuse job writes it: uint8, HxW for MRI-CT and
-  HxWx3 (the other source's colour restored) for PET/SPECT."""
-  luma = fuse_luma_baseline(name, mri_img, other_img)
-  return imageio.colourise(luma, other_img if np.asarray(other_img).ndim == 3 else None)

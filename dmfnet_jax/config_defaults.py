@@ -1,31 +1,95 @@
-"""Config groups shared by the files in `configs/`.
+"""Every default value of the project, and the config groups built from them.
 
-The config files stay short and declarative: each composes these groups and
-states only what differs. Reference values are the defaults; presets shrink a
-run (`tiny`) without touching the model's structure rules.
+The config files in `configs/` compose these groups and state only what differs.
+This module is the single home of the reference hyper-parameters (docs/model.md),
+so the model, data and loss modules read their defaults from here, and loading a
+config file imports nothing heavier than ml_collections. Reference values are the
+defaults; presets shrink a run (`tiny`) without touching the model's structure rules.
 """
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Sequence
+
 import ml_collections
 
-from dmfnet_jax.models import unet as unet_lib
+from dmfnet_jax import paths
 
-# Reference hyper-parameters (SPEC.md §1), as the UNet's defaults. Note image_size
-# 256: it reproduces the reference's 21,984,641 parameters, because the attention
-# rule compares attn_res with image_size halved per level, so level 4 (256/16)
-# attends. It is a structural hyper-parameter, not the input size.
-REFERENCE_MODEL = dict(unet_lib.MODEL_DEFAULTS)
+TASKS = ("MRI-CT", "MRI-PET", "MRI-SPECT")
+# Image files read as inputs and written as outputs (Pillow codecs).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# The reference UNet (docs/model.md §1). image_size is a structural hyper-parameter
+# (the attention rule compares attn_res with it halved per level), not the input size:
+# 256 puts attention at the 16x16 level and in the middle (21,984,641 parameters).
+MODEL_DEFAULTS = dict(
+    in_channel=1,
+    out_channel=1,
+    inner_channel=128,
+    norm_groups=32,
+    channel_mults=(1, 1, 1, 1, 2),
+    attn_res=(16,),
+    res_blocks=2,
+    dropout=0.2,
+    image_size=256,
+    with_noise_level_emb=True,
+)
+REFERENCE_MODEL = dict(MODEL_DEFAULTS)
 
 # CPU-sized model; the parity vectors' "tiny" configuration.
 TINY_MODEL = dict(REFERENCE_MODEL, inner_channel=32, norm_groups=8, image_size=64)
 
-# The model this project trains and ships (CPU-sized, reference structure: with
-# image_size 256 attention sits at the 16x16 level and the middle, as in the
-# published models).
-CPU_MODEL = dict(REFERENCE_MODEL, inner_channel=32, norm_groups=8)
+# The model this project trains and ships (MODEL_CARD.md): the reference structure
+# with image_size 256 (attention at the 16x16 level and in the middle) at 32 channels.
+CPU_MODEL = dict(REFERENCE_MODEL, inner_channel=32, norm_groups=8, image_size=256)
 
-TASKS = ("MRI-CT", "MRI-PET", "MRI-SPECT")
+MODEL_PRESETS = {"reference": REFERENCE_MODEL, "tiny": TINY_MODEL, "cpu": CPU_MODEL}
+
+# Stage II (docs/model.md §3-4): decoder features of the noisy sources at these steps.
+DEFAULT_TIMESTEPS = (5, 10, 20)
+DEFAULT_FEAT_SCALES = (2, 5, 8, 11, 14)
+# The head's 7x7 reflect padding needs at least this many pixels at the coarsest level.
+MIN_COARSEST_SIDE = 4
+
+# The hybrid loss's weights (docs/model.md §5).
+REFERENCE_LOSS_WEIGHTS = {"intensity_weight": 1.5, "gradient_weight": 1.0, "ssim_weight": 0.5}
+
+# train.lr_schedule values; the first is the reference's (in effect constant) rate.
+LR_SCHEDULES = ("constant", "linear_decay")
+OPTIMIZERS = ("adamw", "adam")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def get_setting(cfg: Any, key: str, default: Any = None) -> Any:
+  """`cfg[key]` of a ConfigDict, a dict or an attribute namespace; `default` if absent."""
+  if cfg is None:
+    return default
+  if isinstance(cfg, Mapping):
+    return cfg.get(key, default)
+  try:
+    return cfg[key]
+  except (KeyError, TypeError, AttributeError):
+    return getattr(cfg, key, default)
+
+
+def check_preset(config_file: str, preset: str, valid: Sequence[str]) -> None:
+  """The one preset check of the config files; names the file and the valid presets."""
+  if preset not in valid:
+    named = [p for p in valid if p not in ("default",)]
+    raise ValueError(f"configs/{config_file}: unknown preset '{preset}' "
+                     f"(use {', '.join(repr(p) for p in named)} or nothing)")
+
+
+def sibling_config(config_file: str, name: str, preset: str | None = None):
+  """`get_config(preset)` of `configs/<name>.py` beside `config_file`, for config files
+  that compose others (the demo)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(config_file).resolve().parent / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"_dmfnet_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
 
 
 def base_config(job: str) -> ml_collections.ConfigDict:
@@ -39,10 +103,9 @@ def base_config(job: str) -> ml_collections.ConfigDict:
 
 
 def model_config(preset: str = "reference") -> ml_collections.ConfigDict:
-  values = {"reference": REFERENCE_MODEL, "tiny": TINY_MODEL, "cpu": CPU_MODEL}[preset]
   # Sequences are tuples: ml_collections can override tuples from the command line
   # (--config.model.channel_mults='(1,2,2)'), not lists.
-  return ml_collections.ConfigDict(dict(values))
+  return ml_collections.ConfigDict(dict(MODEL_PRESETS[preset]))
 
 
 def diffusion_config(schedule: str) -> ml_collections.ConfigDict:
@@ -54,25 +117,36 @@ def diffusion_config(schedule: str) -> ml_collections.ConfigDict:
 def fusion_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
       dict(
-          feat_scales=(2, 5, 8, 11, 14),
-          timesteps=(5, 10, 20),
+          feat_scales=DEFAULT_FEAT_SCALES,
+          timesteps=DEFAULT_TIMESTEPS,
           # Reference quirk: with one timestep the aggregation block is skipped.
           skip_aggregation_for_single_timestep=True,
       ))
 
 
 def loss_config() -> ml_collections.ConfigDict:
-  """Stage II hybrid-loss weights; the defaults are the reference's (SPEC.md §2)."""
-  from dmfnet_jax import losses  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(dict(losses.REFERENCE_WEIGHTS))
+  """Stage II hybrid-loss weights; the defaults are the reference's."""
+  return ml_collections.ConfigDict(dict(REFERENCE_LOSS_WEIGHTS))
 
 
 def data_config(crop_size: int = 160) -> ml_collections.ConfigDict:
-  from dmfnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  values = pipeline.default_data_config().to_dict()
-  values.update(crop_size=crop_size, tasks=tuple(values["tasks"]))
-  # Tuples, not lists: --config.data.tasks='("MRI-CT",)' works on the command line.
-  return ml_collections.ConfigDict(values)
+  """Data settings; the reference trains on random 160x160 crops with flips."""
+  return ml_collections.ConfigDict(
+      dict(
+          root="",  # empty: built-in phantoms, no download needed
+          # Tuples, not lists: --config.data.tasks='("MRI-CT",)' works on the command line.
+          tasks=TASKS,
+          split="train",
+          crop_size=crop_size,
+          random_flip=True,  # horizontal and vertical, each with probability 1/2
+          phantom_count=64,  # phantom pairs in total, tasks taken in turn
+          phantom_size=256,
+          phantom_seed=0,
+          num_workers=0,  # grain worker processes; 0 = in-process
+          worker_buffer_size=2,  # batches buffered per worker process
+          read_threads=2,  # threads preparing batches in each process
+          prefetch_buffer_size=4,  # batches prepared ahead in each process
+      ))
 
 
 def mesh_config() -> ml_collections.ConfigDict:
@@ -86,10 +160,6 @@ def distributed_config() -> ml_collections.ConfigDict:
   (Cloud TPU, SLURM, or the variables below)."""
   return ml_collections.ConfigDict(
       dict(initialize="auto", coordinator_address="", num_processes=0, process_id=-1))
-
-
-# train.lr_schedule values; the first is the reference's (in effect constant) rate.
-LR_SCHEDULES = ("constant", "linear_decay")
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
@@ -135,3 +205,18 @@ def fuse_config() -> ml_collections.ConfigDict:
           overwrite=True,
           phantom_count=6,  # phantom pairs per task fused when no input is given
       ))
+
+
+def harvard_root() -> str:
+  """Default data root of the `cpu` presets and the evaluate job (see README, Data)."""
+  return str(paths.harvard_root())
+
+
+def dmfnet_outputs_root() -> str:
+  """The published DM-FNet fused images, for the evaluate job's `:dmfnet` preset."""
+  return str(paths.dmfnet_outputs_root())
+
+
+def shipped_model_dir() -> str:
+  """The two-stage model this project trained and ships (MODEL_CARD.md)."""
+  return str(paths.shipped_model_dir())

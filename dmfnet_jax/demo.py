@@ -12,23 +12,22 @@ import pathlib
 
 from absl import logging
 
-from dmfnet_jax.train.loop import is_chief
+from dmfnet_jax import fuse, main, runtime
+from dmfnet_jax.runtime import is_chief
 
 
 def run(config, workdir: str) -> None:
-  from dmfnet_jax import fuse  # pylint: disable=g-import-not-at-top
-  from dmfnet_jax.train import stage1, stage2  # pylint: disable=g-import-not-at-top
 
   root = pathlib.Path(workdir)
   stage1_dir, stage2_dir = root / "stage1", root / "stage2"
   with_shipped = bool(config.get("compare_with_shipped_model", False))
   parts = 4 if with_shipped else 3
   logging.info("Demo 1/%d: Stage I (diffusion-trained UNet) in %s", parts, stage1_dir)
-  stage1.run(config.stage1, str(stage1_dir))
+  main.run_job(config.stage1, str(stage1_dir))
   logging.info("Demo 2/%d: Stage II (fusion head) in %s", parts, stage2_dir)
   with config.stage2.unlocked():
     config.stage2.stage1_checkpoint = str(stage1_dir)
-  stage2.run(config.stage2, str(stage2_dir))
+  main.run_job(config.stage2, str(stage2_dir))
   logging.info("Demo 3/%d: fusing phantom pairs", parts)
   with config.fuse.unlocked():
     config.fuse.checkpoint = str(stage2_dir)
@@ -48,5 +47,5 @@ def run(config, workdir: str) -> None:
     shipped_dir = pathlib.Path(shipped.fuse.output_dir or root / "fuse_shipped" / "fused")
     note += f"The same pairs fused by the shipped model (MODEL_CARD.md): {shipped_dir.resolve()}\n"
   if is_chief():
-    (root / "DEMO_OUTPUTS.txt").write_text(note)
+    runtime.write_text_atomic(root / "DEMO_OUTPUTS.txt", note)
   print(note)

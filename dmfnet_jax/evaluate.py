@@ -11,14 +11,15 @@ another size than its sources is logged, listed under "problems" in
 evaluation.json and left out of that method's mean (the per-method count of
 evaluated pairs says how many remain); an unreadable source pair drops out for
 every method. NaN metric values (see `dmfnet_jax.metrics`) are left out of means.
+
+This module scores; `dmfnet_jax.report` formats and writes the tables (CSV, Markdown,
+JSON), the HTML report and the montages.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -28,14 +29,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from absl import logging
 
-from dmfnet_jax import baselines, imageio, metrics
+from dmfnet_jax import baselines, imageio, metrics, report
 from dmfnet_jax.data import pairs as pairs_lib
 from dmfnet_jax.errors import ConfigError, DataError, ImageReadError
 
 BASELINE_PREFIX = "baseline:"
-SIDE_BY_SIDE_SPLIT = pairs_lib.SIDE_BY_SIDE_SPLIT
-TABLE_METRICS = metrics.METRIC_NAMES
-ALL_METRICS = metrics.ALL_METRIC_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,25 +162,13 @@ def evaluate_pair_methods(pair: pairs_lib.ImagePair, methods: Sequence[Method],
         rows.append({"task": pair.task, "id": pair.pair_id, "method": method.name,
                      **scores[method.name]})
   if montage_path is not None:
-    from dmfnet_jax import report  # pylint: disable=g-import-not-at-top
     names = [m.name for m in methods if m.name in shown]
     report.write_montage(montage_path, [a, b] + [shown[n] for n in names],
                          ["MRI", pair.modality_b or "B"] + names)
   return rows, problems
 
 
-# --------------------------------------------------------------------------- tables
-
-
-def format_value(value: float) -> str:
-  """About four significant digits, three decimals below 1 (as SPEC.md §4 prints)."""
-  if value is None or not math.isfinite(value):
-    return "nan" if value is None or math.isnan(value) else ("inf" if value > 0 else "-inf")
-  magnitude = abs(value)
-  if magnitude < 1:
-    return f"{value:.3f}"
-  decimals = max(0, 3 - int(math.floor(math.log10(magnitude))))
-  return f"{value:.{decimals}f}"
+# --------------------------------------------------------------------------- summaries
 
 
 def summarise(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str],
@@ -195,7 +181,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str],
       chosen = [r for r in rows if r["task"] == task and r["method"] == method.name]
       entry: Dict[str, Any] = {"n": len(chosen), "n_pairs": expected.get(task, 0),
                                "mean": {}, "std": {}, "nan_count": {}}
-      for name in ALL_METRICS:
+      for name in metrics.ALL_METRIC_NAMES:
         values = np.array([r[name] for r in chosen], dtype=np.float64)
         finite = values[~np.isnan(values)]
         entry["nan_count"][name] = int(values.size - finite.size)
@@ -211,7 +197,7 @@ def best_methods(per_task: Mapping[str, Any]) -> Dict[str, Dict[str, List[str]]]
   best: Dict[str, Dict[str, List[str]]] = {}
   for task, by_method in per_task.items():
     best[task] = {}
-    for name in TABLE_METRICS:
+    for name in metrics.METRIC_NAMES:
       means = {m: e["mean"][name] for m, e in by_method.items()
                if e["n"] and math.isfinite(e["mean"][name])}
       top = max(means.values()) if means else None
@@ -222,8 +208,9 @@ def best_methods(per_task: Mapping[str, Any]) -> Dict[str, Dict[str, List[str]]]
 def compare_to(per_task: Mapping[str, Any], reference: str) -> Dict[str, Dict[str, Any]]:
   """task -> method -> metrics on which its mean is at least the reference's.
 
-  The field's way to read a table (every TABLE_METRIC is higher-is-better): "at least
-  as good as DM-FNet on k of 11 metrics". Tasks without the reference are left out.
+  The field's way to read a table (every metric of `metrics.METRIC_NAMES` is
+  higher-is-better): "at least as good as DM-FNet on k of 11 metrics". Tasks without
+  the reference are left out.
   """
   result: Dict[str, Dict[str, Any]] = {}
   for task, by_method in per_task.items():
@@ -234,118 +221,12 @@ def compare_to(per_task: Mapping[str, Any], reference: str) -> Dict[str, Dict[st
     for method, entry in by_method.items():
       if method == reference or not entry["n"]:
         continue
-      wins = [name for name in TABLE_METRICS
+      wins = [name for name in metrics.METRIC_NAMES
               if math.isfinite(entry["mean"][name]) and math.isfinite(ref["mean"][name])
               and entry["mean"][name] >= ref["mean"][name]]
       result[task][method] = {"at_least_as_good": wins, "count": len(wins),
-                              "of": len(TABLE_METRICS)}
+                              "of": len(metrics.METRIC_NAMES)}
   return result
-
-
-def comparison_table_rows(comparison: Mapping[str, Any]) -> Tuple[List[str], List[List[str]]]:
-  headers = ["task", "method"] + list(TABLE_METRICS) + ["total"]
-  rows = []
-  for task, by_method in comparison.items():
-    for i, (method, entry) in enumerate(by_method.items()):
-      marks = ["✓" if name in entry["at_least_as_good"] else "✗" for name in TABLE_METRICS]
-      rows.append([task if i == 0 else "", method] + marks + [f"{entry['count']}/{entry['of']}"])
-  return headers, rows
-
-
-def task_table_rows(per_task, best, with_std: bool = True
-                    ) -> Tuple[List[str], List[List[str]], List[Tuple[int, int]]]:
-  """Header, cells and best (row, column) cells of the per-task table."""
-  headers = ["task", "method (n)"] + list(TABLE_METRICS)
-  rows, bold = [], []
-  for task, by_method in per_task.items():
-    for i, (method, entry) in enumerate(by_method.items()):
-      label = f"{method} ({entry['n']}/{entry['n_pairs']})"
-      cells = [task if i == 0 else "", label]
-      for c, name in enumerate(TABLE_METRICS):
-        text = format_value(entry["mean"][name])
-        if with_std and entry["n"] > 1:
-          text += " ± " + format_value(entry["std"][name])
-        cells.append(text)
-        if method in best[task][name]:
-          bold.append((len(rows), c + 2))
-      rows.append(cells)
-  return headers, rows, bold
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
-                   bold: Sequence[Tuple[int, int]] = ()) -> str:
-  bold = set(bold)
-  lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-  for r, row in enumerate(rows):
-    cells = [f"**{v}**" if (r, c) in bold and v else str(v) for c, v in enumerate(row)]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def per_image_table(rows: Sequence[Mapping[str, Any]]
-                    ) -> Tuple[List[str], List[List[str]]]:
-  headers = ["task", "id", "method"] + list(ALL_METRICS)
-  return headers, [[r["task"], r["id"], r["method"]] + [format_value(r[n]) for n in ALL_METRICS]
-                   for r in rows]
-
-
-def _write_csv(path: pathlib.Path, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "w", newline="", encoding="utf-8") as f:
-    writer = csv.writer(f)
-    writer.writerow(headers)
-    writer.writerows(rows)
-  os.replace(tmp, path)
-
-
-def _write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
-
-
-def _json_safe(value):
-  """NaN/inf -> None, so evaluation.json is strict JSON."""
-  if isinstance(value, float):
-    return value if math.isfinite(value) else None
-  if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
-  return value
-
-
-def write_outputs(output_dir: pathlib.Path, result: Mapping[str, Any]) -> Dict[str, str]:
-  """per_image.{csv,md}, per_task.{csv,md} and evaluation.json."""
-  rows, per_task, best = result["per_image"], result["per_task"], result["best"]
-  files = {}
-  headers, cells = per_image_table(rows)
-  _write_csv(output_dir / "per_image.csv", headers,
-             [[r["task"], r["id"], r["method"]] + [repr(float(r[n])) for n in ALL_METRICS]
-              for r in rows])
-  _write_text(output_dir / "per_image.md", markdown_table(headers, cells) + "\n")
-  files["per_image_csv"] = str(output_dir / "per_image.csv")
-  files["per_image_md"] = str(output_dir / "per_image.md")
-  task_headers = ["task", "method", "n", "n_pairs"]
-  for name in ALL_METRICS:
-    task_headers += [f"{name}_mean", f"{name}_std"]
-  task_headers.append("best_metrics")
-  task_rows = []
-  for task, by_method in per_task.items():
-    for method, entry in by_method.items():
-      cells_ = [task, method, entry["n"], entry["n_pairs"]]
-      for name in ALL_METRICS:
-        cells_ += [repr(entry["mean"][name]), repr(entry["std"][name])]
-      cells_.append(";".join(n for n in TABLE_METRICS if method in best[task][n]))
-      task_rows.append(cells_)
-  _write_csv(output_dir / "per_task.csv", task_headers, task_rows)
-  _write_text(output_dir / "per_task.md", result["markdown"] + "\n")
-  files["per_task_csv"] = str(output_dir / "per_task.csv")
-  files["per_task_md"] = str(output_dir / "per_task.md")
-  _write_text(output_dir / "evaluation.json",
-              json.dumps(_json_safe(dict(result, files=files)), indent=1) + "\n")
-  files["json"] = str(output_dir / "evaluation.json")
-  return files
 
 
 # --------------------------------------------------------------------------- job
@@ -380,19 +261,14 @@ def evaluate(root, tasks: Sequence[str], split: str, methods: Sequence[Method],
   expected = {task: sum(p.task == task for p in pairs) for task in tasks}
   per_task = summarise(rows, tasks, methods, expected)
   best = best_methods(per_task)
-  headers, cells, bold = task_table_rows(per_task, best)
   counts = {m.name: {t: per_task[t][m.name]["n"] for t in tasks} for m in methods}
-  markdown = markdown_table(headers, cells, bold)
   comparison = compare_to(per_task, reference) if reference else {}
-  if comparison:
-    markdown += (f"\n\nAt least as good as {reference} (higher is better for every metric):\n\n"
-                 + markdown_table(*comparison_table_rows(comparison)))
   return {
       "split": split,
       "data_root": str(root),
       "tasks": list(tasks),
       "methods": {m.name: m.source for m in methods},
-      "metrics": list(ALL_METRICS),
+      "metrics": list(metrics.ALL_METRIC_NAMES),
       "higher_is_better": dict(metrics.HIGHER_IS_BETTER),
       "num_pairs": expected,
       "counts": counts,
@@ -402,31 +278,9 @@ def evaluate(root, tasks: Sequence[str], split: str, methods: Sequence[Method],
       "problems": problems,
       "reference": reference or None,
       "comparison": comparison,
-      "markdown": markdown,
+      "markdown": report.markdown_summary(per_task, best, comparison, reference),
       "seconds": round(time.perf_counter() - start, 3),
   }
-
-
-def _write_report(output_dir: pathlib.Path, result: Mapping[str, Any],
-                  montages: Sequence[Tuple[str, pathlib.Path]]) -> pathlib.Path:
-  from dmfnet_jax import report  # pylint: disable=g-import-not-at-top
-  headers, cells, bold = task_table_rows(result["per_task"], result["best"])
-  sections = [("Per task (mean ± std; best per metric in bold)",
-               report.html_table(headers, cells, bold))]
-  if result.get("comparison"):
-    sections.append((f"At least as good as {result['reference']}",
-                     report.html_table(*comparison_table_rows(result["comparison"]))))
-  if result["problems"]:
-    sections.append(("Problems (left out of the means)", report.html_table(
-        ["task", "id", "method", "kind", "message"],
-        [[p["task"] or "", p["id"] or "", p["method"] or "", p["kind"], p["message"]]
-         for p in result["problems"]])))
-  image_headers, image_cells = per_image_table(result["per_image"])
-  sections.append(("Per image", "<details><summary>show</summary>" +
-                   report.html_table(image_headers, image_cells) + "</details>"))
-  title = (f"Fusion metrics: {', '.join(result['tasks'])} ({result['split']}), "
-           f"methods {', '.join(result['methods'])}")
-  return report.write_html_report(output_dir / "report.html", title, sections, montages)
 
 
 def run(config, workdir) -> Dict[str, Any]:
@@ -454,18 +308,14 @@ def run(config, workdir) -> Dict[str, Any]:
                     montage_dir, reference=reference)
   if montage_dir is not None:
     limit = int(eval_cfg.get("report_max_pairs", 0) or 0)
-    seen = []
-    for row in result["per_image"]:
-      key = (row["task"], row["id"])
-      if key not in seen:
-        seen.append(key)
+    seen = list(dict.fromkeys((row["task"], row["id"]) for row in result["per_image"]))
     if limit > 0:
       seen = seen[:limit]
     montages = [(f"{task} {pair_id}", montage_dir / task / f"{pair_id}.png")
                 for task, pair_id in seen
                 if (montage_dir / task / f"{pair_id}.png").is_file()]
-    result["report"] = str(_write_report(output_dir, result, montages))
-  result["files"] = write_outputs(output_dir, result)
+    result["report"] = str(report.write_evaluation_report(output_dir, result, montages))
+  result["files"] = report.write_outputs(output_dir, result)
   n_total = sum(sum(c.values()) for c in result["counts"].values())
   print(result["markdown"])
   print(f"\n{n_total} pair-method scores in {result['seconds']:.1f} s; "

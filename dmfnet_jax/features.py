@@ -1,4 +1,4 @@
-"""Stage II feature extraction and fusion (SPEC.md §2).
+"""Stage II feature extraction and fusion (docs/model.md §3).
 
 The reference noises each source at each timestep and runs the frozen Stage I
 UNet six times, one pass after another. The passes are independent, so here
@@ -15,15 +15,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from dmfnet_jax import diffusion
+from dmfnet_jax import diffusion, validation
+from dmfnet_jax.config_defaults import DEFAULT_FEAT_SCALES, DEFAULT_TIMESTEPS
 from dmfnet_jax.errors import DataError
 from dmfnet_jax.models.fusion_head import FusionHead, order_features_coarse_to_fine
 from dmfnet_jax.models.unet import UNet
-
-DEFAULT_TIMESTEPS = (5, 10, 20)
-DEFAULT_FEAT_SCALES = (2, 5, 8, 11, 14)
-# The head's 7x7 reflect padding needs at least 4 px at the coarsest level.
-MIN_COARSEST_SIDE = 4
 
 
 def noisy_inputs(a: jax.Array, b: jax.Array, key: jax.Array, sqrt_acp_prev: jax.Array,
@@ -98,13 +94,6 @@ def fuse_images(unet: UNet, unet_params: Any, head: FusionHead, head_params: Any
                     order_features_coarse_to_fine(features, list(feat_scales)))
 
 
-def valid_size(size: int, levels: int) -> int:
-  """Smallest side >= size that is a multiple of 2^(levels-1) and gives the
-  coarsest level at least MIN_COARSEST_SIDE pixels."""
-  multiple = 2**(levels - 1)
-  return max(-(-size // multiple) * multiple, MIN_COARSEST_SIDE * multiple)
-
-
 def pad_to_valid(x: jax.Array, levels: int):
   """Reflect-pads (B, H, W, C) images to a size the UNet and head accept.
 
@@ -119,8 +108,8 @@ def pad_to_valid(x: jax.Array, levels: int):
   height, width = x.shape[1], x.shape[2]
   if min(height, width) < 2:
     raise DataError(f"image of {height}x{width} pixels is too small to reflect-pad")
-  pad_h = valid_size(height, levels) - height
-  pad_w = valid_size(width, levels) - width
+  pad_h = validation.valid_fusion_side(height, levels) - height
+  pad_w = validation.valid_fusion_side(width, levels) - width
   top, left = pad_h // 2, pad_w // 2
   if pad_h or pad_w:
     x = jnp.pad(x, ((0, 0), (top, pad_h - top), (left, pad_w - left), (0, 0)), mode="reflect")

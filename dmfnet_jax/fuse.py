@@ -9,64 +9,24 @@ are fused; a summary closes the run.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import pathlib
 import tempfile
 import time
 import zlib
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from tqdm.auto import tqdm
 
-from dmfnet_jax import features, imageio
+from dmfnet_jax import features, imageio, runtime
 from dmfnet_jax.data import pairs as pairs_lib
 from dmfnet_jax.data import phantoms
 from dmfnet_jax.errors import ConfigError, DmfnetError
-from dmfnet_jax.models import fusion_head as head_lib
-from dmfnet_jax.models import unet as unet_lib
-from dmfnet_jax.train import setup
-from dmfnet_jax.train.loop import is_chief, write_json_atomic
-from dmfnet_jax.train.stage2 import feature_schedule, load_two_stage_params, make_fuse_fn
-
-
-@dataclasses.dataclass
-class FusionModel:
-  """Both stages' parameters and a jitted per-shape fuse function."""
-  config: Any
-  unet_params: Any
-  head_params: Any
-  _fns: dict = dataclasses.field(default_factory=dict)
-
-  def __post_init__(self):
-    dtype = jnp.bfloat16 if self.config.fuse.get("compute_dtype") == "bfloat16" else jnp.float32
-    unet = unet_lib.unet_from_config(self.config.model, dtype=dtype)
-    head = head_lib.fusion_head_from_config(self.config.model, self.config.fusion, dtype=dtype)
-    fuse_one = make_fuse_fn(unet, head, feature_schedule(self.config), self.config.fusion)
-
-    def fuse_batch(unet_params, head_params, a, b, keys):
-      # One key per image: the result of a pair does not depend on its batch mates.
-      per_image = lambda a1, b1, k: fuse_one(unet_params, head_params, a1[None], b1[None], k)[0]
-      return jax.vmap(per_image)(a, b, keys)
-
-    self._fuse = jax.jit(fuse_batch)
-
-  def __call__(self, a: np.ndarray, b: np.ndarray, keys: jax.Array) -> np.ndarray:
-    return np.asarray(self._fuse(self.unet_params, self.head_params, a, b, keys))
-
-
-def load_fusion_model(config) -> FusionModel:
-  """Both stages from `config.checkpoint` (a Stage II workdir or an imported model)."""
-  path = config.get("checkpoint", "")
-  if not path:
-    raise ConfigError(
-        "config.checkpoint is empty: point it at a Stage II workdir "
-        "(python -m dmfnet_jax.main --config=configs/stage2.py --workdir=DIR) or at the output of "
-        "python -m dmfnet_jax.tools.import_torch")
-  unet_params, head_params = load_two_stage_params(path, config)
-  return FusionModel(config=config, unet_params=unet_params, head_params=head_params)
+from dmfnet_jax.inference import FusionModel, load_fusion_model
+from dmfnet_jax.runtime import is_chief
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -202,22 +162,13 @@ def _describe(pair: pairs_lib.ImagePair) -> str:
 def _progress(total: int, enabled: bool):
   if not enabled or not is_chief():
     return None
-  try:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
   return tqdm(total=total, desc="fuse", unit="pair", dynamic_ncols=True, disable=None)
 
 
 def run(config, workdir: str) -> None:
-  workdir_path = setup.prepare_workdir(config, workdir)
+  workdir_path = runtime.prepare_workdir(config, workdir)
   fuse_cfg = config.fuse
-  if fuse_cfg.batch_size < 1:
-    raise ConfigError(f"config.fuse.batch_size={fuse_cfg.batch_size}: must be >= 1")
   fmt = fuse_cfg.output_format.lower().lstrip(".")
-  if f".{fmt}" not in imageio.IMAGE_EXTENSIONS:
-    raise ConfigError(f"config.fuse.output_format={fuse_cfg.output_format!r}: use one of "
-                      f"{[e[1:] for e in imageio.IMAGE_EXTENSIONS]}")
   output_dir = pathlib.Path(fuse_cfg.output_dir or workdir_path / "fused")
   check_writable(output_dir)
   model = load_fusion_model(config)
@@ -231,7 +182,7 @@ def run(config, workdir: str) -> None:
   summary["skipped_pairs"] += [{"pair": p, "reason": "unpaired"} for p in problems]
   summary["input"] = source
   if is_chief():
-    write_json_atomic(workdir_path / "fuse_summary.json", summary)
+    runtime.write_json_atomic(workdir_path / "fuse_summary.json", summary)
   message = (f"Fused {summary['fused']} pairs, skipped {summary['skipped']}, in "
              f"{summary['seconds']:.1f} s; outputs in {output_dir}")
   logging.info(message)

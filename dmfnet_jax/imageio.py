@@ -1,4 +1,4 @@
-"""Reading, writing and colour handling of medical images (SPEC.md "Colour").
+"""Reading, writing and colour handling of medical images (docs/model.md §6).
 
 The reference uses OpenCV on uint8 images: RGB becomes luma with the fixed-point
 BT.601 rule of `cv2.COLOR_BGR2YCrCb` / `COLOR_BGR2GRAY`, and a fused luma goes back
@@ -8,19 +8,19 @@ OpenCV's own, so colour outputs match it bit for bit without depending on OpenCV
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
-import tempfile
 from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dmfnet_jax import runtime
+from dmfnet_jax.config_defaults import IMAGE_EXTENSIONS
 from dmfnet_jax.errors import DmfnetError, ImageReadError
 
 PathLike = Union[str, os.PathLike]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # OpenCV's fixed-point (14-bit) coefficients for full-range BT.601.
 _SHIFT = 14
@@ -119,12 +119,20 @@ def ycrcb_to_rgb(ycrcb: np.ndarray) -> np.ndarray:
   return np.clip(np.stack([r, g, b], axis=-1), 0, 255).astype(np.uint8)
 
 
+def uint16_to_uint8(image: np.ndarray) -> np.ndarray:
+  """16-bit pixels scaled to 8 bits (rounded); 8-bit images are returned as they are."""
+  image = np.asarray(image)
+  if image.dtype == np.uint8:
+    return image
+  if image.dtype != np.uint16:
+    raise ValueError(f"expected uint8 or uint16 pixels, got {image.dtype}")
+  return (image.astype(np.float32) / 65535.0 * 255.0).round().astype(np.uint8)
+
+
 def to_unit_gray(image: np.ndarray) -> np.ndarray:
   """Any image from `read_image` -> float32 HxW in [0, 1] (RGB reduced to luma)."""
   if image.ndim == 3:
-    if image.dtype == np.uint16:
-      image = (image.astype(np.float32) / 65535.0 * 255.0).round().astype(np.uint8)
-    image = opencv_luma_uint8(image)
+    image = opencv_luma_uint8(uint16_to_uint8(image))
   if image.dtype == np.uint8:
     return image.astype(np.float32) / 255.0
   if image.dtype == np.uint16:
@@ -138,21 +146,20 @@ def to_model_range(image: np.ndarray) -> np.ndarray:
 
 
 def from_model_range(x: np.ndarray) -> np.ndarray:
-  """Network output in [-1, 1] -> uint8 (SPEC: mapped to [0, 255], rounded)."""
+  """Network output in [-1, 1] -> uint8 (mapped to [0, 255], rounded)."""
   x = np.asarray(x, dtype=np.float32)
   return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def colourise(fused_luma: np.ndarray, colour_source: Optional[np.ndarray]) -> np.ndarray:
-  """Puts a fused uint8 luma back into the colour source's YCrCb (SPEC "Colour").
+  """Puts a fused uint8 luma back into the colour source's YCrCb (docs/model.md §6).
 
   A grayscale (or absent) colour source returns the luma unchanged.
   """
   fused_luma = np.asarray(fused_luma)
   if colour_source is None or colour_source.ndim == 2:
     return fused_luma
-  if colour_source.dtype != np.uint8:
-    colour_source = (colour_source.astype(np.float32) / 65535.0 * 255.0).round().astype(np.uint8)
+  colour_source = uint16_to_uint8(colour_source)
   if colour_source.shape[:2] != fused_luma.shape[:2]:
     raise ValueError(
         f"fused image {fused_luma.shape[:2]} and colour source {colour_source.shape[:2]} differ in size"
@@ -165,61 +172,39 @@ def colourise(fused_luma: np.ndarray, colour_source: Optional[np.ndarray]) -> np
 def metric_gray(image: np.ndarray) -> np.ndarray:
   """Image -> float32 grayscale in 0..255 as the reference evaluator reads it."""
   if image.ndim == 3:
-    image = opencv_gray_uint8(image if image.dtype == np.uint8 else
-                              (image.astype(np.float32) / 257.0).round().astype(np.uint8))
+    image = opencv_gray_uint8(uint16_to_uint8(image))
   elif image.dtype == np.uint16:
     return image.astype(np.float32) / 257.0
   return image.astype(np.float32)
 
 
+def encode_image(image: np.ndarray, suffix: str) -> bytes:
+  """uint8 HxW or HxWx3 -> the bytes of an image file of the format `suffix` names."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"expected uint8 pixels, got {image.dtype}")
+  fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP",
+         ".tif": "TIFF", ".tiff": "TIFF"}.get(suffix.lower() or ".png")
+  if fmt is None:
+    raise DmfnetError(f"unsupported output format '{suffix}'")
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+  return buffer.getvalue()
+
+
 def write_image_atomic(path: PathLike, image: np.ndarray) -> pathlib.Path:
-  """Writes uint8 HxW or HxWx3 to `path` via a temporary file and an atomic rename.
+  """Writes uint8 HxW or HxWx3 to `path` atomically (`runtime.write_bytes_atomic`).
 
   A crash mid-write never leaves a truncated image under the final name.
   """
-  image = np.asarray(image)
-  if "://" in os.fspath(path):  # an object store (gs://...): whole-object writes are atomic
-    return _write_remote(os.fspath(path), image)
-  path = pathlib.Path(path)
-  if image.dtype != np.uint8:
-    raise ValueError(f"{path}: expected uint8 pixels, got {image.dtype}")
+  suffix = pathlib.PurePath(os.fspath(path)).suffix
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-  except OSError as err:
-    raise DmfnetError(f"{path.parent}: cannot create output directory ({err})") from err
-  suffix = path.suffix.lower() or ".png"
-  fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP",
-         ".tif": "TIFF", ".tiff": "TIFF"}.get(suffix)
-  if fmt is None:
-    raise DmfnetError(f"{path}: unsupported output format '{suffix}'")
-  try:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  except OSError as err:
-    raise DmfnetError(f"{path.parent}: output directory is not writable ({err})") from err
-  try:
-    with os.fdopen(fd, "wb") as f:
-      kwargs = {"quality": 95} if fmt == "JPEG" else {}
-      Image.fromarray(image).save(f, format=fmt, **kwargs)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
-
-
-def _write_remote(path: str, image: np.ndarray):
-  import io  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  buffer = io.BytesIO()
-  fmt = "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"
-  Image.fromarray(image.astype(np.uint8)).save(buffer, format=fmt)
-  target = epath.Path(path)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  target.write_bytes(buffer.getvalue())
-  return target
+    data = encode_image(image, suffix)
+  except DmfnetError as err:
+    raise DmfnetError(f"{path}: {err}") from err
+  except ValueError as err:
+    raise ValueError(f"{path}: {err}") from err
+  return runtime.write_bytes_atomic(path, data)
 
 
 def image_size(path: PathLike) -> Tuple[int, int]:

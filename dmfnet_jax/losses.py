@@ -1,4 +1,4 @@
-"""Stage II hybrid fusion loss (SPEC.md §2).
+"""Stage II hybrid fusion loss (docs/model.md §5).
 
 `loss = 1.5 * L1(F, max(A, B)) + [L1(S(F), max(S(A), S(B))) + 0.5 * (1 - Q)]`
 with A = MRI, B = the other modality, F = fused, all (B, H, W, 1) in [-1, 1].
@@ -11,16 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmfnet_jax.config_defaults import REFERENCE_LOSS_WEIGHTS
+
 SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32)
 SOBEL_Y = np.array([[1, 2, 1], [0, 0, 0], [-1, -2, -1]], np.float32)
 WINDOW_SIZE = 11
 WINDOW_SIGMA = 1.5
 C2 = 0.03**2
-INTENSITY_WEIGHT = 1.5
-GRADIENT_WEIGHT = 1.0
-SSIM_WEIGHT = 0.5
-REFERENCE_WEIGHTS = {"intensity_weight": INTENSITY_WEIGHT, "gradient_weight": GRADIENT_WEIGHT,
-                     "ssim_weight": SSIM_WEIGHT}
 
 
 def gaussian_window(size: int = WINDOW_SIZE, sigma: float = WINDOW_SIGMA) -> np.ndarray:
@@ -87,8 +84,9 @@ def select_quality(var_a, var_b, q_fa, q_fb):
 
 
 def fusion_loss(fused: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray,
-                intensity_weight: float = INTENSITY_WEIGHT,
-                gradient_weight: float = GRADIENT_WEIGHT, ssim_weight: float = SSIM_WEIGHT):
+                intensity_weight: float = REFERENCE_LOSS_WEIGHTS["intensity_weight"],
+                gradient_weight: float = REFERENCE_LOSS_WEIGHTS["gradient_weight"],
+                ssim_weight: float = REFERENCE_LOSS_WEIGHTS["ssim_weight"]):
   """Hybrid loss of the fused image F against A (MRI) and B (other modality).
 
   The weights default to the reference's (1.5, 1, 0.5); `config.loss` can change

@@ -14,13 +14,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/stage1.py or configs/stage1.py:tiny.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Folder that owns the run (checkpoints, config.json, metrics, outputs). "
-    "Rerunning with the same workdir resumes. Default: runs/<job>.")
-
 JOBS = {
     "stage1": "dmfnet_jax.train.stage1",
     "stage2": "dmfnet_jax.train.stage2",
@@ -51,10 +44,21 @@ def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
+def run_job(config, workdir: str) -> None:
+  """Checks `config` and runs the job it names (the demo runs its parts this way)."""
+  from dmfnet_jax import validation  # pylint: disable=g-import-not-at-top
+  from dmfnet_jax.errors import DmfnetError  # pylint: disable=g-import-not-at-top
+  job = config.get("job")
+  if job not in JOBS:
+    raise DmfnetError(f"config.job={job!r}: unknown job; valid: {sorted(JOBS)}")
+  validation.validate(config)
+  importlib.import_module(JOBS[job]).run(config, workdir)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from dmfnet_jax import distributed, validation  # pylint: disable=g-import-not-at-top
+  from dmfnet_jax import distributed, runtime, validation  # pylint: disable=g-import-not-at-top
   from dmfnet_jax.errors import DmfnetError  # pylint: disable=g-import-not-at-top
 
   quiet_library_logs()
@@ -68,11 +72,10 @@ def main(argv) -> None:
     validation.validate(config)
     distributed.maybe_initialize(config.get("distributed"))
     _enable_compilation_cache()
-    from dmfnet_jax.train.setup import log_devices  # pylint: disable=g-import-not-at-top
-    log_devices()
+    runtime.log_devices()
     workdir = _WORKDIR.value or os.path.join("runs", job)
     logging.info("Job %s, workdir %s", job, workdir)
-    importlib.import_module(JOBS[job]).run(config, workdir)
+    run_job(config, workdir)
   except DmfnetError as err:
     logging.error("%s", err)
     print(f"error: {err}", file=sys.stderr)
@@ -98,7 +101,20 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def _define_flags() -> None:
+  """Flags are defined only when run as a program, so importing this module (the demo
+  runs jobs through `run_job`) defines none."""
+  global _CONFIG, _WORKDIR
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "Config file, e.g. configs/stage1.py or configs/stage1.py:tiny.",
+      lock_config=True)
+  _WORKDIR = flags.DEFINE_string(
+      "workdir", None, "Folder that owns the run (checkpoints, config.json, metrics, outputs). "
+      "Rerunning with the same workdir resumes. Default: runs/<job>.")
+
+
 def run() -> None:
+  _define_flags()
   logging.set_verbosity(logging.INFO)
   app.run(main, flags_parser=parse_flags)
 

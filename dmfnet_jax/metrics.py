@@ -1,4 +1,4 @@
-"""Fusion quality metrics exactly as the reference evaluator defines them (SPEC.md §3).
+"""Fusion quality metrics exactly as the reference evaluator defines them (docs/model.md §7).
 
 All metrics work on grayscale float images in 0..255 (RGB files are reduced with
 `dmfnet_jax.imageio.metric_gray`, i.e. OpenCV's RGB2GRAY on uint8). F is the fused
@@ -6,8 +6,8 @@ image, A the MRI and B the other modality.
 
 Everything is vectorised over a leading stack axis: `_Features` holds what one image
 contributes (filtered moments, Sobel responses, histogram codes) so that, when many
-fused images share a source pair (several methods) or many pairs share a shape (a
-test split), each source is filtered once and every filter runs on a whole stack.
+fused images share a source pair (several methods, `evaluate_methods`), each source
+is filtered once and every filter runs on the whole stack of fused images.
 The VIF Gaussian windows are outer products, so 'valid' filtering (with the
 scale-change subsampling folded in) is two 1-D passes in real space (float64):
 unlike FFT filtering, flat regions still give exact zeros, which the VIF thresholds
@@ -28,18 +28,16 @@ windows do not fit (sides below 41 px) contribute nothing, as empty sums.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import math
-import os
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping
 
 import numpy as np
 from scipy import ndimage
 
 from dmfnet_jax import imageio
 
-# Table order of SPEC.md §4; higher is better for every one of them.
+# Table order of docs/model.md §7; higher is better for every one of them.
 METRIC_NAMES = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "PSNR", "CC")
 # MSE is reported too (the test vectors include it) but is not a table column.
 ALL_METRIC_NAMES = METRIC_NAMES + ("MSE",)
@@ -64,7 +62,7 @@ def to_metric_gray(image: np.ndarray) -> np.ndarray:
   """Any image (HxW or HxWx3, uint8/uint16/float 0..255) -> float64 HxW in 0..255.
 
   uint8/uint16 RGB goes through `imageio.metric_gray` (cv2 RGB2GRAY, bit exact);
-  float RGB uses round(0.299R + 0.587G + 0.114B) as SPEC.md §3 states.
+  float RGB uses round(0.299R + 0.587G + 0.114B) as docs/model.md §7 states.
   """
   image = np.asarray(image)
   if image.ndim == 3 and image.shape[-1] == 1:
@@ -81,15 +79,6 @@ def to_metric_gray(image: np.ndarray) -> np.ndarray:
   if image.dtype in (np.uint8, np.uint16):
     return imageio.metric_gray(image).astype(np.float64)
   return image.astype(np.float64)
-
-
-def _as_stack(images) -> np.ndarray:
-  """Sequence of same-shaped images or an (K, H, W) array -> float64 (K, H, W)."""
-  if isinstance(images, np.ndarray) and images.ndim == 3 and images.dtype == np.float64:
-    return images
-  if isinstance(images, np.ndarray) and images.ndim == 2:
-    return to_metric_gray(images)[None]
-  return np.stack([to_metric_gray(im) for im in images])
 
 
 # --------------------------------------------------------------------------- filters
@@ -153,7 +142,7 @@ def _uniform(x: np.ndarray) -> np.ndarray:
 
 
 def _sobel(x: np.ndarray):
-  """True 2-D convolution ('same', zero padding) with h3 (x) and h1 (y) of SPEC §3.
+  """True 2-D 'same' convolution (zero padding) with h3 (x) and h1 (y), docs/model.md §7.
 
   h3 = [1,2,1]^T [-1,0,1] and h1 = [1,0,-1]^T [1,2,1] are separable; convolving
   with [-1,0,1] gives x[j-1] - x[j+1], with [1,0,-1] x[i+1] - x[i-1].
@@ -428,43 +417,3 @@ def evaluate_methods(fused_by_method: Mapping[str, np.ndarray], a: np.ndarray,
   rows = _rows(_evaluate_features(_Features(f), _Features(a), _Features(b)))
   return dict(zip(names, rows))
 
-
-def evaluate_batch(fused: Sequence[np.ndarray], a: Sequence[np.ndarray],
-                   b: Sequence[np.ndarray], num_workers: Optional[int] = None,
-                   chunk_size: int = 8) -> List[Dict[str, float]]:
-  """Metrics of many (fused, A, B) triples, in input order.
-
-  Same-shaped triples are stacked into chunks of `chunk_size` that are evaluated
-  as one vectorised batch; chunks run on `num_workers` threads (numpy, scipy and
-  BLAS release the GIL). `num_workers=None` uses every CPU core, 0 or 1 runs inline.
-  """
-  if not (len(fused) == len(a) == len(b)):
-    raise ValueError(f"got {len(fused)} fused images for {len(a)} A and {len(b)} B sources")
-  grays = [tuple(to_metric_gray(im) for im in triple) for triple in zip(fused, a, b)]
-  for f, sa, sb in grays:
-    _check_shapes(f, sa, sb)
-  by_shape: Dict[tuple, List[int]] = {}
-  for i, (f, _, _) in enumerate(grays):
-    by_shape.setdefault(f.shape, []).append(i)
-  chunks = [idx[s:s + chunk_size] for idx in by_shape.values()
-            for s in range(0, len(idx), chunk_size)]
-
-  def run_chunk(idx):
-    stacks = [np.stack([grays[i][j] for i in idx]) for j in range(3)]
-    return idx, _rows(_evaluate_features(*(_Features(s) for s in stacks)))
-
-  workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-  results: List[Optional[Dict[str, float]]] = [None] * len(grays)
-  if workers <= 1 or len(chunks) <= 1:
-    done = map(run_chunk, chunks)
-  else:
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-    done = pool.map(run_chunk, chunks)
-  try:
-    for idx, rows in done:
-      for i, row in zip(idx, rows):
-        results[i] = row
-  finally:
-    if workers > 1 and len(chunks) > 1:
-      pool.shutdown()
-  return results  # type: ignore[return-value]

@@ -13,7 +13,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def shared_root() -> pathlib.Path:
-  """The folder holding SPEC.md, parity/, metrics/ and data/."""
+  """The folder holding parity/, metrics/ and data/ (developers and CI only)."""
   env = os.environ.get(SHARED_ENV_VAR)
   if env:
     return pathlib.Path(env).expanduser().resolve()
@@ -24,12 +24,14 @@ def harvard_root() -> pathlib.Path:
   return shared_root() / "data" / "harvard"
 
 
-def harvard_missing_reason() -> str:
-  """Empty when the Harvard data is there; else why not, for scripts that need it."""
+def harvard_root_or_exit() -> pathlib.Path:
+  """The Harvard data root for benchmark scripts; exits with status 2 saying why when the
+  data is not there."""
   root = harvard_root()
-  if (root / "splits.json").is_file():
-    return ""
-  return f"Harvard data not found at {root}; set {SHARED_ENV_VAR} to the folder holding data/harvard"
+  if not (root / "splits.json").is_file():
+    raise SystemExit(f"Harvard data not found at {root}; set {SHARED_ENV_VAR} to the folder "
+                     "holding data/harvard")
+  return root
 
 
 def dmfnet_outputs_root() -> pathlib.Path:

@@ -1,4 +1,9 @@
-"""Visual report of an evaluation: per-pair montages and one self-contained HTML page.
+"""Every output format of an evaluation: CSV, Markdown and JSON tables, the HTML report
+and per-pair montages.
+
+`dmfnet_jax.evaluate` scores; this module only formats and writes what it computed.
+Files go through `dmfnet_jax.runtime`'s atomic writes (montage PNGs through
+`imageio.write_image_atomic`), so a crash never leaves a half-written table.
 
 A montage shows the sources, then each method's fused image, captioned. The HTML
 page embeds its tables and montages (as base64 data URIs), so it opens straight
@@ -8,16 +13,19 @@ from disk, with no server and nothing fetched from elsewhere.
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
+import json
+import math
 import os
 import pathlib
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dmfnet_jax import imageio
+from dmfnet_jax import imageio, metrics, runtime
 
 PathLike = Union[str, os.PathLike]
 
@@ -27,10 +35,134 @@ _BACKGROUND = (255, 255, 255)
 _TEXT = (0, 0, 0)
 
 
+# --------------------------------------------------------------------------- tables
+
+
+def format_value(value: float) -> str:
+  """About four significant digits, three decimals below 1 (as docs/model.md §7 prints)."""
+  if value is None or not math.isfinite(value):
+    return "nan" if value is None or math.isnan(value) else ("inf" if value > 0 else "-inf")
+  magnitude = abs(value)
+  if magnitude < 1:
+    return f"{value:.3f}"
+  decimals = max(0, 3 - int(math.floor(math.log10(magnitude))))
+  return f"{value:.{decimals}f}"
+
+
+def comparison_table_rows(comparison: Mapping[str, Any]) -> Tuple[List[str], List[List[str]]]:
+  """Header and cells of the "at least as good as the reference" table."""
+  headers = ["task", "method"] + list(metrics.METRIC_NAMES) + ["total"]
+  rows = []
+  for task, by_method in comparison.items():
+    for i, (method, entry) in enumerate(by_method.items()):
+      marks = ["✓" if name in entry["at_least_as_good"] else "✗"
+               for name in metrics.METRIC_NAMES]
+      rows.append([task if i == 0 else "", method] + marks + [f"{entry['count']}/{entry['of']}"])
+  return headers, rows
+
+
+def task_table_rows(per_task, best, with_std: bool = True
+                    ) -> Tuple[List[str], List[List[str]], List[Tuple[int, int]]]:
+  """Header, cells and best (row, column) cells of the per-task table."""
+  headers = ["task", "method (n)"] + list(metrics.METRIC_NAMES)
+  rows, bold = [], []
+  for task, by_method in per_task.items():
+    for i, (method, entry) in enumerate(by_method.items()):
+      label = f"{method} ({entry['n']}/{entry['n_pairs']})"
+      cells = [task if i == 0 else "", label]
+      for c, name in enumerate(metrics.METRIC_NAMES):
+        text = format_value(entry["mean"][name])
+        if with_std and entry["n"] > 1:
+          text += " ± " + format_value(entry["std"][name])
+        cells.append(text)
+        if method in best[task][name]:
+          bold.append((len(rows), c + 2))
+      rows.append(cells)
+  return headers, rows, bold
+
+
+def per_image_table(rows: Sequence[Mapping[str, Any]]
+                    ) -> Tuple[List[str], List[List[str]]]:
+  """Header and formatted cells of the per-image table (every metric)."""
+  headers = ["task", "id", "method"] + list(metrics.ALL_METRIC_NAMES)
+  return headers, [[r["task"], r["id"], r["method"]]
+                   + [format_value(r[n]) for n in metrics.ALL_METRIC_NAMES] for r in rows]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
+                   bold: Sequence[Tuple[int, int]] = ()) -> str:
+  bold = set(bold)
+  lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+  for r, row in enumerate(rows):
+    cells = [f"**{v}**" if (r, c) in bold and v else str(v) for c, v in enumerate(row)]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def markdown_summary(per_task: Mapping[str, Any], best: Mapping[str, Any],
+                     comparison: Optional[Mapping[str, Any]] = None,
+                     reference: str = "") -> str:
+  """The per-task table (best per metric in bold), then the comparison table if any."""
+  headers, cells, bold = task_table_rows(per_task, best)
+  text = markdown_table(headers, cells, bold)
+  if comparison:
+    text += (f"\n\nAt least as good as {reference} (higher is better for every metric):\n\n"
+             + markdown_table(*comparison_table_rows(comparison)))
+  return text
+
+
+def csv_text(headers: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
+  """A CSV document (csv module defaults: comma, minimal quoting, CRLF line ends)."""
+  buffer = io.StringIO(newline="")
+  writer = csv.writer(buffer)
+  writer.writerow(headers)
+  writer.writerows(rows)
+  return buffer.getvalue()
+
+
+def write_outputs(output_dir: pathlib.Path, result: Mapping[str, Any]) -> Dict[str, str]:
+  """per_image.{csv,md}, per_task.{csv,md} and evaluation.json; returns their paths."""
+  rows, per_task, best = result["per_image"], result["per_task"], result["best"]
+  files = {}
+  headers, cells = per_image_table(rows)
+  runtime.write_text_atomic(output_dir / "per_image.csv", csv_text(
+      headers, [[r["task"], r["id"], r["method"]]
+                + [repr(float(r[n])) for n in metrics.ALL_METRIC_NAMES] for r in rows]))
+  runtime.write_text_atomic(output_dir / "per_image.md", markdown_table(headers, cells) + "\n")
+  files["per_image_csv"] = str(output_dir / "per_image.csv")
+  files["per_image_md"] = str(output_dir / "per_image.md")
+  task_headers = ["task", "method", "n", "n_pairs"]
+  for name in metrics.ALL_METRIC_NAMES:
+    task_headers += [f"{name}_mean", f"{name}_std"]
+  task_headers.append("best_metrics")
+  task_rows = []
+  for task, by_method in per_task.items():
+    for method, entry in by_method.items():
+      row = [task, method, entry["n"], entry["n_pairs"]]
+      for name in metrics.ALL_METRIC_NAMES:
+        row += [repr(entry["mean"][name]), repr(entry["std"][name])]
+      row.append(";".join(n for n in metrics.METRIC_NAMES if method in best[task][n]))
+      task_rows.append(row)
+  runtime.write_text_atomic(output_dir / "per_task.csv", csv_text(task_headers, task_rows))
+  runtime.write_text_atomic(output_dir / "per_task.md", result["markdown"] + "\n")
+  files["per_task_csv"] = str(output_dir / "per_task.csv")
+  files["per_task_md"] = str(output_dir / "per_task.md")
+  # Not write_json_atomic: its sorted keys would lose the table order of tasks and
+  # methods, which readers of this file rely on.
+  runtime.write_text_atomic(
+      output_dir / "evaluation.json",
+      json.dumps(runtime.json_safe(dict(result, files=files)), indent=1) + "\n")
+  files["json"] = str(output_dir / "evaluation.json")
+  return files
+
+
+# --------------------------------------------------------------------------- montages
+
+
 def _to_rgb_uint8(image: np.ndarray) -> np.ndarray:
   image = np.asarray(image)
   if image.dtype == np.uint16:
-    image = (image.astype(np.float32) / 257.0).round().astype(np.uint8)
+    image = imageio.uint16_to_uint8(image)
   elif image.dtype != np.uint8:
     image = np.clip(np.round(image.astype(np.float32)), 0, 255).astype(np.uint8)
   if image.ndim == 2:
@@ -155,9 +287,26 @@ def write_html_report(path: PathLike, title: str,
       parts.append(f'<figure><img src="{uri}" alt="{html.escape(caption)}">'
                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
   parts.append("</body></html>")
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text("\n".join(parts), encoding="utf-8")
-  os.replace(tmp, path)
-  return path
+  return runtime.write_text_atomic(path, "\n".join(parts))
+
+
+def write_evaluation_report(output_dir: pathlib.Path, result: Mapping[str, Any],
+                            montages: Sequence[Tuple[str, PathLike]]) -> pathlib.Path:
+  """`output_dir/report.html` for an evaluate result: its tables, problems and montages."""
+  headers, cells, bold = task_table_rows(result["per_task"], result["best"])
+  sections = [("Per task (mean ± std; best per metric in bold)",
+               html_table(headers, cells, bold))]
+  if result.get("comparison"):
+    sections.append((f"At least as good as {result['reference']}",
+                     html_table(*comparison_table_rows(result["comparison"]))))
+  if result["problems"]:
+    sections.append(("Problems (left out of the means)", html_table(
+        ["task", "id", "method", "kind", "message"],
+        [[p["task"] or "", p["id"] or "", p["method"] or "", p["kind"], p["message"]]
+         for p in result["problems"]])))
+  image_headers, image_cells = per_image_table(result["per_image"])
+  sections.append(("Per image", "<details><summary>show</summary>" +
+                   html_table(image_headers, image_cells) + "</details>"))
+  title = (f"Fusion metrics: {', '.join(result['tasks'])} ({result['split']}), "
+           f"methods {', '.join(result['methods'])}")
+  return write_html_report(pathlib.Path(output_dir) / "report.html", title, sections, montages)

@@ -1,9 +1,13 @@
-"""Start-up checks of a config: every impossible value fails with its key named,
-before anything is compiled or read."""
+"""Every check of a config: each impossible value fails with its key named, before
+anything is compiled or read. `validate` runs at start-up; the library functions that
+take a config group (models, data pipeline, optimizer) call the check of their group
+here, so a direct caller gets the same message as the command line."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
+
+import ml_collections
 
 from dmfnet_jax import config_defaults
 from dmfnet_jax.errors import ConfigError
@@ -23,19 +27,32 @@ def min_multiple(model_cfg) -> int:
   return 2 ** (levels(model_cfg) - 1)
 
 
+def valid_fusion_side(size: int, num_levels: int) -> int:
+  """Smallest side >= size that the UNet and the head accept: a multiple of
+  2^(levels-1) giving the coarsest level at least MIN_COARSEST_SIDE pixels."""
+  multiple = 2**(num_levels - 1)
+  return max(-(-size // multiple) * multiple, config_defaults.MIN_COARSEST_SIDE * multiple)
+
+
 def check_input_size(model_cfg, height: int, width: int, what: str, *, fusion: bool = False) -> None:
   m = min_multiple(model_cfg)
   for name, size in (("height", height), ("width", width)):
     if size % m:
       raise ConfigError(f"{what}: {name} {size} is not a multiple of {m} "
                         f"(2^(levels-1) with {levels(model_cfg)} levels)")
-    if fusion and size // m < 4:
-      raise ConfigError(f"{what}: {name} {size} is below {4 * m}: the fusion head's 7x7 reflect "
-                        "padding needs the coarsest level to be at least 4 pixels")
+    if fusion and size < valid_fusion_side(size, levels(model_cfg)):
+      raise ConfigError(f"{what}: {name} {size} is below {valid_fusion_side(1, levels(model_cfg))}: "
+                        "the fusion head's 7x7 reflect padding needs the coarsest level to be at "
+                        f"least {config_defaults.MIN_COARSEST_SIDE} pixels")
 
 
-def validate_model(model_cfg) -> None:
-  c = model_cfg
+def _as_config(cfg: Any) -> ml_collections.ConfigDict:
+  return cfg if isinstance(cfg, ml_collections.ConfigDict) else ml_collections.ConfigDict(dict(cfg))
+
+
+def validate_model(model_cfg: Any) -> None:
+  """A model group (ConfigDict or dict of UNet settings)."""
+  c = _as_config(model_cfg)
   _need(c.inner_channel > 0, "model.inner_channel", c.inner_channel, "must be positive")
   _need(len(c.channel_mults) >= 1 and all(m > 0 for m in c.channel_mults),
         "model.channel_mults", list(c.channel_mults), "needs at least one positive multiplier")
@@ -63,9 +80,19 @@ def validate_data(cfg, *, need_root: bool = False) -> None:
   unknown = [t for t in cfg.tasks if t not in config_defaults.TASKS]
   _need(not unknown, "data.tasks", list(cfg.tasks),
         f"unknown task(s) {unknown}; valid: {list(config_defaults.TASKS)}")
-  _need(len(cfg.tasks) > 0, "data.tasks", list(cfg.tasks), "name at least one task")
+  _need(len(cfg.tasks) > 0, "data.tasks", list(cfg.tasks),
+        f"name at least one task of {', '.join(config_defaults.TASKS)}")
   if need_root:
     _need(bool(cfg.root), "data.root", cfg.root, "set it to a dataset folder")
+  crop = cfg.get("crop_size")
+  if crop is not None:
+    _need(isinstance(crop, int) and crop > 0, "data.crop_size", crop, "must be a positive integer")
+  _need(cfg.get("num_workers", 0) >= 0, "data.num_workers", cfg.get("num_workers"), "must be >= 0")
+  if not cfg.get("root") and "phantom_count" in cfg:
+    _need(cfg.phantom_count > 0, "data.phantom_count", cfg.phantom_count, "must be positive")
+    if crop is not None:
+      _need(cfg.phantom_size >= crop, "data.phantom_size", cfg.phantom_size,
+            f"is smaller than data.crop_size ({crop})")
 
 
 def validate_train(cfg, *, stage: str) -> None:
@@ -74,11 +101,23 @@ def validate_train(cfg, *, stage: str) -> None:
   if stage == "stage1":
     _need(cfg.batch_size % 2 == 0, "train.batch_size", cfg.batch_size,
           "counts images and each pair gives two, so it must be even")
-  _need(cfg.learning_rate > 0, "train.learning_rate", cfg.learning_rate, "must be positive")
+  validate_optimizer(cfg)
   _need(cfg.checkpoint_every > 0, "train.checkpoint_every", cfg.checkpoint_every, "must be positive")
   _need(cfg.log_every > 0, "train.log_every", cfg.log_every, "must be positive")
   _need(cfg.keep_checkpoints >= 1, "train.keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
   _need(0.0 <= cfg.ema_decay < 1.0, "train.ema_decay", cfg.ema_decay, "must be in [0, 1)")
+  validate_lr_schedule(cfg)
+  _need(cfg.preview_every >= 0, "train.preview_every", cfg.preview_every, "must be >= 0")
+  validate_compute_dtype(cfg.compute_dtype, "train.compute_dtype")
+
+
+def validate_optimizer(cfg) -> None:
+  _need(cfg.optimizer in config_defaults.OPTIMIZERS, "train.optimizer", cfg.optimizer,
+        f"use one of {', '.join(config_defaults.OPTIMIZERS)}")
+  _need(cfg.learning_rate > 0, "train.learning_rate", cfg.learning_rate, "must be positive")
+
+
+def validate_lr_schedule(cfg) -> None:
   _need(cfg.get("lr_schedule", "constant") in config_defaults.LR_SCHEDULES, "train.lr_schedule",
         cfg.get("lr_schedule"), f"must be one of {', '.join(config_defaults.LR_SCHEDULES)}")
   if cfg.get("lr_schedule") == "linear_decay":
@@ -86,9 +125,11 @@ def validate_train(cfg, *, stage: str) -> None:
           cfg.decay_start_step, f"must be in [0, train.num_steps={cfg.num_steps})")
   _need(cfg.get("warmup_steps", 0) >= 0, "train.warmup_steps", cfg.get("warmup_steps"),
         "must be >= 0")
-  _need(cfg.preview_every >= 0, "train.preview_every", cfg.preview_every, "must be >= 0")
-  _need(cfg.compute_dtype in ("float32", "bfloat16"), "train.compute_dtype", cfg.compute_dtype,
-        "use 'float32' or 'bfloat16'")
+
+
+def validate_compute_dtype(name: str, key: str) -> None:
+  _need(name in config_defaults.COMPUTE_DTYPES, key, name,
+        f"use {' or '.join(repr(d) for d in config_defaults.COMPUTE_DTYPES)}")
 
 
 def validate_fusion(fusion_cfg, model_cfg) -> None:
@@ -108,6 +149,15 @@ def validate_loss(loss_cfg) -> None:
         "at least one weight must be positive")
 
 
+def validate_fuse(cfg) -> None:
+  _need(cfg.batch_size >= 1, "fuse.batch_size", cfg.batch_size, "must be >= 1")
+  fmt = str(cfg.output_format).lower().lstrip(".")
+  formats = [e[1:] for e in config_defaults.IMAGE_EXTENSIONS]
+  _need(f".{fmt}" in config_defaults.IMAGE_EXTENSIONS, "fuse.output_format", cfg.output_format,
+        f"use one of {formats}")
+  validate_compute_dtype(cfg.get("compute_dtype", "float32"), "fuse.compute_dtype")
+
+
 def validate(config) -> None:
   """Checks the groups a config has, according to its job."""
   job = config.get("job")
@@ -125,6 +175,8 @@ def validate(config) -> None:
     validate_fusion(config.fusion, config.model)
   if "loss" in config:
     validate_loss(config.loss)
+  if "fuse" in config and job == "fuse":
+    validate_fuse(config.fuse)
   if job == "demo":
     for part in ("stage1", "stage2", "fuse", "shipped_fuse"):
       if part in config:

@@ -55,41 +55,9 @@ Example:
 EOF
 }
 
-die() {
-  echo "launch/tpu_vm.sh: error: $*" >&2
-  echo "Run launch/tpu_vm.sh --help for the options." >&2
-  exit 2
-}
-
-# Shell-quotes one word so that a printed command line can be pasted back verbatim
-# (`--flag='value with spaces'` keeps the flag name readable).
-quote() {
-  local sq="'" escaped_sq="'\\''" safe='^[A-Za-z0-9_@%+=:,./-]+$'
-  if [[ $1 =~ $safe ]]; then
-    printf '%s' "$1"
-  elif [[ $1 =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    printf "%s'%s'" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]//$sq/$escaped_sq}"
-  else
-    printf "'%s'" "${1//$sq/$escaped_sq}"
-  fi
-}
-
-quote_all() {
-  local words=() word
-  for word in "$@"; do words+=("$(quote "$word")"); done
-  printf '%s' "${words[*]}"
-}
-
-# Runs a command, or only prints it in dry-run mode.
-run() {
-  if [[ $DRY_RUN == 1 ]]; then
-    quote_all "$@"
-    echo
-  else
-    echo "+ $(quote_all "$@")" >&2
-    "$@"
-  fi
-}
+SCRIPT_NAME=launch/tpu_vm.sh
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DRY_RUN=${DRY_RUN:-0}

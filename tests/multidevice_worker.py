@@ -23,7 +23,8 @@ from dmfnet_jax import diffusion  # noqa: E402
 from dmfnet_jax.errors import ConfigError  # noqa: E402
 from dmfnet_jax.models import fusion_head as head_lib  # noqa: E402
 from dmfnet_jax.models import unet as unet_lib  # noqa: E402
-from dmfnet_jax.train import sharding, stage1, stage2  # noqa: E402
+from dmfnet_jax import inference, sharding  # noqa: E402
+from dmfnet_jax.train import stage1, stage2  # noqa: E402
 from dmfnet_jax.train import state as state_lib  # noqa: E402
 
 MESHES = {"single": ({"data": 1, "fsdp": 1}, 1), "data8": ({"data": -1, "fsdp": 1}, 8),
@@ -66,7 +67,7 @@ def main():
   tx2 = state_lib.make_optimizer(config2.train)
   head = head_lib.fusion_head_from_config(config2.model, config2.fusion)
   head_params = random_tree(head_lib.abstract_head_params(head), 2)
-  fuse_fn = stage2.make_fuse_fn(unet, head, stage2.feature_schedule(config2), config2.fusion)
+  fuse_fn = inference.make_fuse_fn(unet, head, inference.feature_schedule(config2), config2.fusion)
   step2 = stage2.make_train_step(fuse_fn, tx2)
   pairs = {k: np.random.default_rng(3 + i).uniform(-1, 1, (8, 32, 32, 1)).astype(np.float32)
            for i, k in enumerate("ab")}

@@ -1,4 +1,5 @@
-"""Classical baselines: registry, output format, and the files SPEC §4 scored."""
+"""Classical baselines: registry, output format, and the reference files the metric
+vectors score."""
 
 import json
 
@@ -16,20 +17,21 @@ def _pair(seed=0, size=64):
 
 
 def test_registry_names():
-  assert baselines.baseline_names() == ("max", "mean", "laplacian", "wavelet")
+  assert tuple(baselines.BASELINES) == ("max", "mean", "laplacian", "wavelet")
   with pytest.raises(KeyError, match="unknown baseline"):
     baselines.get_baseline("median")
 
 
-@pytest.mark.parametrize("name", baselines.baseline_names())
+@pytest.mark.parametrize("name", list(baselines.BASELINES))
 def test_outputs_uint8_and_keep_colour(name):
   mri, pet = _pair()
-  coloured = baselines.fuse_pair_baseline(name, mri, pet)
-  assert coloured.dtype == np.uint8 and coloured.shape == pet.shape
-  gray = baselines.fuse_pair_baseline(name, mri, mri)
-  assert gray.dtype == np.uint8 and gray.shape == mri.shape
   luma = baselines.fuse_luma_baseline(name, mri, pet)
-  np.testing.assert_array_equal(coloured, imageio.colourise(luma, pet))
+  assert luma.dtype == np.uint8 and luma.shape == mri.shape
+  # The evaluate job shows (and with ':colour' scores) the luma colourised this way.
+  coloured = imageio.colourise(luma, pet)
+  assert coloured.dtype == np.uint8 and coloured.shape == pet.shape
+  gray = baselines.fuse_luma_baseline(name, mri, mri)
+  assert gray.dtype == np.uint8 and gray.shape == mri.shape
 
 
 @pytest.mark.parametrize("name", ["laplacian", "wavelet"])

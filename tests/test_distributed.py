@@ -284,17 +284,17 @@ def test_each_process_reads_its_own_shard(two_process_run, reference):
 @pytest.mark.slow
 def test_checkpoint_restores_in_one_process(two_process_run, reference):
   import jax
-  from dmfnet_jax.train import checkpointing
-  from dmfnet_jax.train import sharding as sharding_lib
+  from dmfnet_jax import checkpoints
+  from dmfnet_jax import sharding as sharding_lib
   from dmfnet_jax.train import state as state_lib
 
   workdir, _ = two_process_run
-  store = checkpointing.CheckpointStore(checkpointing.checkpoint_dir(workdir), read_only=True)
+  store = checkpoints.CheckpointStore(checkpoints.checkpoint_dir(workdir), read_only=True)
   assert store.all_steps() == [NUM_STEPS]
   mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
   expected = reference["state"]
   abstract = jax.eval_shape(lambda s: s, expected)
-  target = checkpointing.abstract_with_shardings(abstract,
+  target = checkpoints.abstract_with_shardings(abstract,
                                                  state_lib.state_shardings(abstract, mesh))
   restored = jax.device_get(store.restore(NUM_STEPS, {"state": target})["state"])
   store.close()

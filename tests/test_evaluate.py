@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dmfnet_jax import evaluate
+from dmfnet_jax import evaluate, metrics, report
 from dmfnet_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -94,7 +94,7 @@ def test_reproduces_spec_table(shared_root, harvard_root, dmfnet_outputs_root, t
 
 
 def test_compare_to_counts_metrics_at_least_as_good():
-  names = evaluate.TABLE_METRICS
+  names = metrics.METRIC_NAMES
   def entry(values, n=3):
     return {"n": n, "mean": dict(zip(names, values))}
   per_task = {
@@ -106,7 +106,7 @@ def test_compare_to_counts_metrics_at_least_as_good():
   comparison = evaluate.compare_to(per_task, "ref")
   assert list(comparison) == ["MRI-CT"] and list(comparison["MRI-CT"]) == ["a"]
   assert comparison["MRI-CT"]["a"] == {"at_least_as_good": list(names[:2]), "count": 2, "of": 11}
-  headers, rows = evaluate.comparison_table_rows(comparison)
+  headers, rows = report.comparison_table_rows(comparison)
   assert headers[-1] == "total" and rows[0][-1] == "2/11" and rows[0][2:4] == ["✓", "✓"]
 
 
@@ -169,6 +169,6 @@ def test_bad_inputs_are_reported_and_left_out(tiny_dataset, tmp_path, capsys):
 
 
 def test_format_value_matches_spec_style():
-  assert [evaluate.format_value(v) for v in (4.6581, 89.744, 0.48181, 12.824, 1234.5)] == [
+  assert [report.format_value(v) for v in (4.6581, 89.744, 0.48181, 12.824, 1234.5)] == [
       "4.658", "89.74", "0.482", "12.82", "1234"]
-  assert evaluate.format_value(float("nan")) == "nan"
+  assert report.format_value(float("nan")) == "nan"

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from dmfnet_jax.train import checkpointing, stage1
+from dmfnet_jax import checkpoints
+from dmfnet_jax.train import stage1
 from dmfnet_jax.train.loop import STEP_DELAY_ENV, TrainingDiverged
 from conftest import REPO_ROOT, micro_config
 
@@ -50,9 +51,9 @@ class Training:
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
     env.setdefault("DMFNET_JAX_CACHE", str(REPO_ROOT / ".jax_cache"))
-    env.pop(checkpointing.SAVE_DELAY_ENV, None)
+    env.pop(checkpoints.SAVE_DELAY_ENV, None)
     if save_delay:
-      env[checkpointing.SAVE_DELAY_ENV] = str(save_delay)
+      env[checkpoints.SAVE_DELAY_ENV] = str(save_delay)
     env.pop(STEP_DELAY_ENV, None)
     if step_delay:
       env[STEP_DELAY_ENV] = str(step_delay)
@@ -203,7 +204,7 @@ def test_sigkill_mid_step_and_mid_save_resume_from_last_complete_checkpoint(refe
   training = run_training(workdir)
   assert resumed_from(training.log()) == [second_good]
   assert not temporary_dirs(workdir)
-  assert not list((workdir / "checkpoints").glob(f"*{checkpointing.DAMAGED_MARK}*"))
+  assert not list((workdir / "checkpoints").glob(f"*{checkpoints.DAMAGED_MARK}*"))
   assert complete_steps(workdir) == [6, 9, 12]
   assert_same_losses(workdir, reference)
 
@@ -263,7 +264,7 @@ def test_diverging_loss_on_the_command_line_is_one_line_and_keeps_a_save_in_flig
   assert "last good checkpoint (step 1)" in errors[0]
   assert complete_steps(workdir) == [1]
   assert not temporary_dirs(workdir)
-  store = checkpointing.CheckpointStore(workdir / "checkpoints", read_only=True)
+  store = checkpoints.CheckpointStore(workdir / "checkpoints", read_only=True)
   state = store.restore(1, {"state": None})["state"]
   assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state["params"]))
 
@@ -308,7 +309,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp
   assert any("step 12" in w and "trying the previous one" in w for w in warnings), warnings
   assert not temporary_dirs(tmp_path)
   # The damaged step is kept for inspection under a name Orbax does not take for a step.
-  set_aside = list((tmp_path / "checkpoints").glob(f"12{checkpointing.DAMAGED_MARK}*"))
+  set_aside = list((tmp_path / "checkpoints").glob(f"12{checkpoints.DAMAGED_MARK}*"))
   assert len(set_aside) == 1 and (set_aside[0] / "state").is_dir()
   assert complete_steps(tmp_path) == [6, 9, 12]
   # Resumed from step 9: steps 10..12 were trained again, with the reference's losses.
@@ -318,5 +319,5 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp
   np.testing.assert_allclose([resumed[s] for s in (10, 11, 12)], [want[s] for s in (10, 11, 12)],
                              rtol=1e-5)
   # The rewritten step 12 restores.
-  store = checkpointing.CheckpointStore(tmp_path / "checkpoints", read_only=True)
+  store = checkpoints.CheckpointStore(tmp_path / "checkpoints", read_only=True)
   assert int(store.restore(12, {"state": None})["state"]["step"]) == 12

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmfnet_jax import config_defaults, diffusion, features
+from dmfnet_jax import config_defaults, diffusion, features, validation
 from dmfnet_jax.models import fusion_head as fh
+from dmfnet_jax.models import torch_convert
 from dmfnet_jax.models import unet as unet_lib
 
 TIMESTEPS = (5, 10, 20)
@@ -133,22 +134,21 @@ def test_pad_to_valid_under_jit_and_small_levels():
   x = jnp.ones((1, 20, 30, 1))
   padded = jax.jit(lambda x: features.pad_to_valid(x, 3)[0])(x)
   assert padded.shape == (1, 20, 32, 1)  # multiple of 4, coarsest >= 4 px (>= 16)
-  assert features.valid_size(5, 3) == 16
+  assert validation.valid_fusion_side(5, 3) == 16
 
 
 def test_end_to_end_parity_from_reference_noisy_inputs(parity_root):
   """Reference noisy inputs -> our UNet features -> our head == the reference `fused`."""
   pytest.importorskip("torch")
-  from dmfnet_jax.torch_import import load_torch_state_dict
-
+  
   model = config_defaults.model_config("tiny")
   fusion = config_defaults.fusion_config()
   unet = unet_lib.unet_from_config(model)
-  unet_params = unet_lib.unet_params_from_torch(
-      load_torch_state_dict(parity_root / "tiny_stage1_unet.pth"), model)
+  unet_params = torch_convert.unet_params_from_torch(
+      torch_convert.load_torch_state_dict(parity_root / "tiny_stage1_unet.pth"), model)
   head = fh.fusion_head_from_config(model, fusion)
-  head_params = fh.head_params_from_torch(
-      load_torch_state_dict(parity_root / "tiny_stage2_head.pth"), model, fusion)
+  head_params = torch_convert.head_params_from_torch(
+      torch_convert.load_torch_state_dict(parity_root / "tiny_stage2_head.pth"), model, fusion)
   vectors = np.load(parity_root / "tiny_vectors.npz")
   tags = [[f"{src}_t{t}" for t in TIMESTEPS] for src in ("MRI", "Other")]
   x_t = np.stack([np.stack([vectors[f"{tag}_x_noisy"].transpose(0, 2, 3, 1) for tag in row])

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmfnet_jax import config_defaults
+from dmfnet_jax import config_defaults, models
 from dmfnet_jax.errors import CheckpointError
 from dmfnet_jax.models import fusion_head as fh
+from dmfnet_jax.models import torch_convert
 
 FEAT_SCALES = [2, 5, 8, 11, 14]
 TIMESTEPS = (5, 10, 20)
@@ -31,7 +32,7 @@ def _to_state_dict(params, num_levels):
     value = np.asarray(leaf)
     if value.ndim == 4:
       value = value.transpose(3, 2, 0, 1)
-    state[fh.torch_key(names, num_levels)] = value
+    state[torch_convert.head_torch_key(names, num_levels)] = value
   return state
 
 
@@ -45,7 +46,7 @@ def test_param_count_at_reference_defaults():
   head = fh.fusion_head_from_config(config_defaults.model_config(),
                                     config_defaults.fusion_config())
   assert tuple(head.dims) == (256, 128, 128, 128, 128)
-  assert fh.count_params(fh.abstract_head_params(head)) == 3_026_640
+  assert models.param_count(fh.abstract_head_params(head)) == 3_026_640
 
 
 def test_level_dims_sorts_scales_coarse_to_fine():
@@ -136,7 +137,7 @@ def test_torch_state_dict_round_trip():
   state = _to_state_dict(params, len(head.dims))
   assert "decoder.5.block1.0.weight" in state and "rgb_decode2.conv.bias" in state
   assert state["decoder.1.att.pa.pa2.weight"].shape == (64, 2, 3, 3)
-  back = fh.head_params_from_torch(state, model, fusion)
+  back = torch_convert.head_params_from_torch(state, model, fusion)
   jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
 
 
@@ -148,15 +149,15 @@ def test_checkpoint_errors_name_the_key():
   missing = dict(state)
   del missing["decoder.7.att.ca.ca.2.bias"]
   with pytest.raises(CheckpointError, match=r"decoder\.7\.att\.ca\.ca\.2\.bias"):
-    fh.head_params_from_torch(missing, model, fusion)
+    torch_convert.head_params_from_torch(missing, model, fusion)
 
   extra = dict(state, **{"decoder.1.att.conv.weight": np.zeros((3,), np.float32)})
   with pytest.raises(CheckpointError, match=r"unexpected key 'decoder\.1\.att\.conv\.weight'"):
-    fh.head_params_from_torch(extra, model, fusion)
+    torch_convert.head_params_from_torch(extra, model, fusion)
 
   misshaped = dict(state, **{"rgb_decode2.conv.weight": np.zeros((64, 128, 3, 3), np.float32)})
   with pytest.raises(CheckpointError, match=r"rgb_decode2\.conv\.weight.*\(64, 128, 3, 3\)"):
-    fh.head_params_from_torch(misshaped, model, fusion)
+    torch_convert.head_params_from_torch(misshaped, model, fusion)
 
 
 def test_checkpoint_with_other_timestep_count_is_named():
@@ -165,17 +166,16 @@ def test_checkpoint_with_other_timestep_count_is_named():
   state = _to_state_dict(fh.init_head_params(head, jax.random.PRNGKey(0)), len(head.dims))
   _, fusion_two = _tiny_cfgs(timesteps=(5, 10))
   with pytest.raises(CheckpointError, match=r"trained with 3 timestep.*fusion\.timesteps has 2"):
-    fh.head_params_from_torch(state, model, fusion_two)
+    torch_convert.head_params_from_torch(state, model, fusion_two)
 
 
 def test_head_parity_with_reference(parity_root):
   pytest.importorskip("torch")
-  from dmfnet_jax.torch_import import load_torch_state_dict
-
+  
   model, fusion = _tiny_cfgs()
   head = fh.fusion_head_from_config(model, fusion)
-  params = fh.head_params_from_torch(
-      load_torch_state_dict(parity_root / "tiny_stage2_head.pth"), model, fusion)
+  params = torch_convert.head_params_from_torch(
+      torch_convert.load_torch_state_dict(parity_root / "tiny_stage2_head.pth"), model, fusion)
   vectors = np.load(parity_root / "tiny_vectors.npz")
   features = [
       np.stack([

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmfnet_jax import losses
+from dmfnet_jax import config_defaults, losses
 
 
 def _nhwc(array):
@@ -79,9 +79,9 @@ def test_default_weights_are_the_reference_and_weights_scale_their_terms():
   keys = jax.random.split(jax.random.PRNGKey(2), 3)
   fused, a, b = (jnp.tanh(jax.random.normal(k, (1, 16, 16, 1))) for k in keys)
   ref_total, ref = losses.fusion_loss(fused, a, b)
-  same_total, _ = losses.fusion_loss(fused, a, b, **losses.REFERENCE_WEIGHTS)
+  same_total, _ = losses.fusion_loss(fused, a, b, **config_defaults.REFERENCE_LOSS_WEIGHTS)
   assert float(same_total) == float(ref_total)
-  assert losses.REFERENCE_WEIGHTS == {"intensity_weight": 1.5, "gradient_weight": 1.0,
+  assert config_defaults.REFERENCE_LOSS_WEIGHTS == {"intensity_weight": 1.5, "gradient_weight": 1.0,
                                       "ssim_weight": 0.5}
   l1_to_max = float(ref["loss_in"]) / 1.5
   sobel = float(ref["loss_grad"]) - 0.5 * (1 - float(ref["ssim_term"]))

@@ -25,15 +25,11 @@ def test_matches_reference_vectors(metrics_vectors_root, harvard_root):
       assert got[name] == pytest.approx(want, rel=1e-3), (case["fused"], name)
 
 
-def test_batch_and_methods_agree_with_pair(metrics_vectors_root, harvard_root):
-  cases = list(_vector_cases(metrics_vectors_root, harvard_root))[:6]
+def test_methods_agree_with_pair(metrics_vectors_root, harvard_root):
+  cases = list(_vector_cases(metrics_vectors_root, harvard_root))[:2]
   fused, a, b = ([c[i] for c in cases] for i in (1, 2, 3))
   singles = [metrics.evaluate_pair(f, x, y) for f, x, y in zip(fused, a, b)]
-  batch = metrics.evaluate_batch(fused, a, b, num_workers=2, chunk_size=4)
   methods = metrics.evaluate_methods({"max": fused[0], "mean": fused[1]}, a[0], b[0])
-  for one, many in zip(singles, batch):
-    for name in metrics.ALL_METRIC_NAMES:
-      assert many[name] == pytest.approx(one[name], rel=1e-6, abs=1e-12)
   for name in metrics.ALL_METRIC_NAMES:
     assert methods["max"][name] == pytest.approx(singles[0][name], rel=1e-6)
     assert methods["mean"][name] == pytest.approx(singles[1][name], rel=1e-6)

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dmfnet_jax import imageio
+from dmfnet_jax import config_defaults, imageio
 from dmfnet_jax.data import phantoms
 from dmfnet_jax.data import pipeline
 from dmfnet_jax.errors import ConfigError, DataError, ImageReadError
 
 
 def _phantom_cfg(count=6, size=32, crop=16, flip=True):
-  cfg = pipeline.default_data_config()
+  cfg = config_defaults.data_config()
   cfg.phantom_count, cfg.phantom_size, cfg.crop_size, cfg.random_flip = count, size, crop, flip
   return cfg
 
@@ -29,7 +29,7 @@ def _make(cfg, stage="stage2", batch=2, seed=0, index=0, count=1):
 
 
 def test_default_config():
-  cfg = pipeline.default_data_config()
+  cfg = config_defaults.data_config()
   assert cfg.root == "" and cfg.split == "train" and cfg.crop_size == 160
   assert list(cfg.tasks) == ["MRI-CT", "MRI-PET", "MRI-SPECT"]
   assert cfg.phantom_count == 64 and cfg.phantom_size == 256

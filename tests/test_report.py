@@ -46,7 +46,8 @@ def test_evaluate_writes_montages_and_report(tmp_path):
                              montage_dir=out / "montages")
   montage = np.asarray(Image.open(out / "montages/MRI-PET/a.png"))
   assert montage.shape[1] == 4 * 48 + 3 * 4  # MRI, PET, max, wavelet
-  page = evaluate._write_report(out, result, [("MRI-PET a", out / "montages/MRI-PET/a.png")])
+  page = report.write_evaluation_report(out, result,
+                                        [("MRI-PET a", out / "montages/MRI-PET/a.png")])
   html = page.read_text()
   assert "Per task" in html and "max (2/2)" in html and "wavelet (2/2)" in html
   assert html.count("data:image/") == 1 and "https://" not in html

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dmfnet_jax.errors import ConfigError
-from dmfnet_jax.train import sharding
+from dmfnet_jax import sharding
 from conftest import REPO_ROOT
 
 

@@ -7,12 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from dmfnet_jax import fuse, torch_import
+from dmfnet_jax import inference
 from dmfnet_jax.errors import CheckpointError
-from dmfnet_jax.models import fusion_head as head_lib
-from dmfnet_jax.models import unet as unet_lib
+from dmfnet_jax.models import torch_convert
 from dmfnet_jax.tools import import_torch
-from dmfnet_jax.train import stage1
 from conftest import REPO_ROOT, load_config
 
 torch = pytest.importorskip("torch")
@@ -28,17 +26,17 @@ def test_converted_checkpoint_loads_in_fuse(reference_pair, tmp_path):
   config = load_config("fuse", "tiny")
   out = import_torch.convert(config, str(unet_pth), str(head_pth), str(tmp_path / "model"))
   config.checkpoint = str(out)
-  model = fuse.load_fusion_model(config)
-  expected_unet = unet_lib.unet_params_from_torch(torch_import.load_torch_state_dict(unet_pth),
+  model = inference.load_fusion_model(config)
+  expected_unet = torch_convert.unet_params_from_torch(torch_convert.load_torch_state_dict(unet_pth),
                                                   config.model)
-  expected_head = head_lib.head_params_from_torch(torch_import.load_torch_state_dict(head_pth),
+  expected_head = torch_convert.head_params_from_torch(torch_convert.load_torch_state_dict(head_pth),
                                                   config.model, config.fusion)
   for got, want in ((model.unet_params, expected_unet), (model.head_params, expected_head)):
     jax.tree.map(np.testing.assert_array_equal, got, want)
   # Stage I alone serves as Stage II's starting point.
   unet_only = import_torch.convert(config, str(unet_pth), None, str(tmp_path / "unet"))
   jax.tree.map(np.testing.assert_array_equal,
-               stage1.load_unet_params(str(unet_only), config.model), expected_unet)
+               inference.load_unet_params(str(unet_only), config.model), expected_unet)
 
 
 def test_refuses_a_non_empty_output_and_a_mismatched_config(reference_pair, tmp_path):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from dmfnet_jax.errors import CheckpointError
-from dmfnet_jax.train import checkpointing, stage1
+from dmfnet_jax import checkpoints, inference
+from dmfnet_jax.train import stage1
 from conftest import micro_config
 
 
@@ -28,7 +29,7 @@ def trained(tmp_path_factory):
 
 def test_run_writes_workdir(trained):
   assert json.loads((trained / "config.json").read_text())["job"] == "stage1"
-  store = checkpointing.CheckpointStore(trained / "checkpoints", read_only=True)
+  store = checkpoints.CheckpointStore(trained / "checkpoints", read_only=True)
   assert store.all_steps() == [3, 6]
   assert store.read_meta(6)["model"]["inner_channel"] == 16
   metrics = read_metrics(trained)
@@ -64,18 +65,18 @@ def test_configured_checkpoint_initialises_a_new_run(trained, tmp_path):
   config = micro_config("stage1", num_steps=1, checkpoint_every=1)
   config.init_checkpoint = str(trained)
   stage1.run(config, str(tmp_path))
-  loaded = stage1.load_unet_params(str(trained), config.model)
+  loaded = inference.load_unet_params(str(trained), config.model)
   assert loaded["init_conv"]["kernel"].shape[-1] == 16
   with pytest.raises(CheckpointError, match="inner_channel"):
     other = micro_config("stage1")
     other.model.inner_channel = 8
-    stage1.load_unet_params(str(trained), other.model)
+    inference.load_unet_params(str(trained), other.model)
 
 
 def test_load_unet_params_names_a_missing_path(tmp_path):
   config = micro_config("stage1")
   with pytest.raises(CheckpointError, match="does not exist"):
-    stage1.load_unet_params(str(tmp_path / "nowhere"), config.model)
+    inference.load_unet_params(str(tmp_path / "nowhere"), config.model)
 
 
 def test_bfloat16_compute_tracks_float32(trained, tmp_path):
@@ -87,7 +88,7 @@ def test_bfloat16_compute_tracks_float32(trained, tmp_path):
   bf16 = [m["loss"] for m in read_metrics(tmp_path)]
   fp32 = [m["loss"] for m in read_metrics(trained)]
   np.testing.assert_allclose(bf16, fp32, rtol=0.05)
-  store = checkpointing.CheckpointStore(tmp_path / "checkpoints", read_only=True)
+  store = checkpoints.CheckpointStore(tmp_path / "checkpoints", read_only=True)
   state = store.restore(6, {"state": None})["state"]
   import jax  # pylint: disable=g-import-not-at-top
   dtypes = {str(x.dtype) for x in jax.tree.leaves((state["params"], state["opt_state"]))
@@ -99,9 +100,9 @@ def test_ema_of_parameters_is_kept_and_used(tmp_path):
   config = micro_config("stage1", num_steps=2, checkpoint_every=2)
   config.train.ema_decay = 0.5
   stage1.run(config, str(tmp_path))
-  store = checkpointing.CheckpointStore(tmp_path / "checkpoints", read_only=True)
+  store = checkpoints.CheckpointStore(tmp_path / "checkpoints", read_only=True)
   state = store.restore(2, {"state": None})["state"]
   ema, params = state["ema_params"]["init_conv"]["kernel"], state["params"]["init_conv"]["kernel"]
   assert ema.shape == params.shape and not np.allclose(ema, params)
-  loaded = stage1.load_unet_params(str(tmp_path), config.model)
+  loaded = inference.load_unet_params(str(tmp_path), config.model)
   np.testing.assert_allclose(loaded["init_conv"]["kernel"], ema)

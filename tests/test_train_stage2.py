@@ -7,18 +7,19 @@ import numpy as np
 import pytest
 
 from dmfnet_jax.errors import CheckpointError, ConfigError
-from dmfnet_jax.train import checkpointing, stage2
+from dmfnet_jax import checkpoints
+from dmfnet_jax.train import stage2
 from conftest import micro_config
 
 
 def test_run_trains_head_and_keeps_unet_frozen(micro_stage1_workdir, micro_stage2_workdir):
-  store = checkpointing.CheckpointStore(micro_stage2_workdir / "checkpoints", read_only=True)
+  store = checkpoints.CheckpointStore(micro_stage2_workdir / "checkpoints", read_only=True)
   assert store.all_steps() == [2]
   assert sorted(store.item_names_at(2)) == ["data", "meta", "state", "unet"]
   meta = store.read_meta(2)
   assert meta["job"] == "stage2" and meta["fusion"]["feat_scales"] == [1, 3]
   frozen = store.restore(2, {"unet": None})["unet"]
-  s1 = checkpointing.CheckpointStore(micro_stage1_workdir / "checkpoints", read_only=True)
+  s1 = checkpoints.CheckpointStore(micro_stage1_workdir / "checkpoints", read_only=True)
   original = s1.restore(s1.latest_step(), {"state": None})["state"]["params"]
   np.testing.assert_array_equal(frozen["init_conv"]["kernel"], original["init_conv"]["kernel"])
   losses = [json.loads(l) for l in (micro_stage2_workdir / "metrics.jsonl").read_text().splitlines()]
@@ -35,7 +36,7 @@ def test_resume_keeps_the_frozen_unet_and_may_switch_schedule(micro_stage2_workd
                         decay_start_step=2)
   config.stage1_checkpoint = ""  # not needed when the workdir has a checkpoint
   stage2.run(config, str(workdir))
-  store = checkpointing.CheckpointStore(workdir / "checkpoints", read_only=True)
+  store = checkpoints.CheckpointStore(workdir / "checkpoints", read_only=True)
   assert store.latest_step() == 4
   logged = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [m["lr_factor"] for m in logged] == [1.0, 1.0, 1.0, 0.5]
@@ -66,9 +67,9 @@ def test_init_checkpoint_starts_head_and_unet_from_a_two_stage_model(micro_stage
   config.init_checkpoint = str(micro_stage2_workdir)
   config.loss.intensity_weight = 4.5
   stage2.run(config, str(tmp_path))
-  source = checkpointing.CheckpointStore(micro_stage2_workdir / "checkpoints", read_only=True)
+  source = checkpoints.CheckpointStore(micro_stage2_workdir / "checkpoints", read_only=True)
   start = source.restore(2, {"state": None, "unet": None})
-  store = checkpointing.CheckpointStore(tmp_path / "checkpoints", read_only=True)
+  store = checkpoints.CheckpointStore(tmp_path / "checkpoints", read_only=True)
   assert store.all_steps() == [2]
   restored = store.restore(2, {"state": None, "unet": None})
   np.testing.assert_array_equal(restored["unet"]["init_conv"]["kernel"],

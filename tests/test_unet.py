@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmfnet_jax import config_defaults
+from dmfnet_jax import config_defaults, models
+from dmfnet_jax.models import torch_convert
 from dmfnet_jax.models import unet as unet_lib
 
 TINY = dict(inner_channel=32, norm_groups=8, image_size=64)
@@ -20,11 +21,11 @@ def test_parameter_count_at_reference_defaults():
   # 21,984,641 (SPEC.md) holds with the reference's image_size 256, where the
   # attention quirk fires at the lowest level (256 halves to 16 at level 4). With
   # image_size 160 no level matches attn_res and only the middle block attends.
-  assert unet_lib.param_count(unet_lib.abstract_params(None)) == 21_984_641
-  assert unet_lib.param_count(unet_lib.abstract_params(dict(image_size=160))) == 20_670_081
+  assert models.param_count(unet_lib.abstract_params(None)) == 21_984_641
+  assert models.param_count(unet_lib.abstract_params(dict(image_size=160))) == 20_670_081
   cfg = config_defaults.model_config("reference")
-  assert unet_lib.param_count(unet_lib.abstract_params(cfg)) == 21_984_641
-  assert unet_lib.param_count(unet_lib.abstract_params(TINY)) == 1_320_833
+  assert models.param_count(unet_lib.abstract_params(cfg)) == 21_984_641
+  assert models.param_count(unet_lib.abstract_params(TINY)) == 1_320_833
 
 
 def test_params_are_float32_even_with_bf16_compute():
@@ -110,9 +111,8 @@ def test_rejects_bad_decoder_indices():
 @pytest.fixture(scope="module")
 def parity(parity_root):
   pytest.importorskip("torch")
-  from dmfnet_jax import torch_import  # pylint: disable=import-outside-toplevel
-  state_dict = torch_import.load_torch_state_dict(parity_root / "tiny_stage1_unet.pth")
-  params = unet_lib.unet_params_from_torch(state_dict, TINY)
+  state_dict = torch_convert.load_torch_state_dict(parity_root / "tiny_stage1_unet.pth")
+  params = torch_convert.unet_params_from_torch(state_dict, TINY)
   with np.load(parity_root / "tiny_vectors.npz") as vectors:
     vectors = dict(vectors)
   x = np.concatenate([vectors[f"{tag}_x_noisy"] for tag in PARITY_TAGS]).transpose(0, 2, 3, 1)

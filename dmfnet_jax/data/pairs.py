@@ -18,14 +18,14 @@ from typing import Iterable, List, Literal, NamedTuple, Sequence, Tuple, Union, 
 import numpy as np
 
 from dmfnet_jax import imageio
+from dmfnet_jax.config_defaults import TASKS
 from dmfnet_jax.errors import DataError
 
 PathLike = Union[str, os.PathLike]
 
-TASKS: Tuple[str, ...] = ("MRI-CT", "MRI-PET", "MRI-SPECT")
 MRI_FOLDER = "MRI"
 # A split named in ROOT/splits.json rather than a folder: the test pairs for which the
-# DM-FNet authors published fused images (SPEC.md section 4's comparison set).
+# DM-FNet authors published fused images (the comparison set of MODEL_CARD.md).
 SIDE_BY_SIDE_SPLIT = "dmfnet_side_by_side"
 # How many problems a strict error message spells out before summarising.
 _MAX_LISTED_PROBLEMS = 10

@@ -10,8 +10,8 @@ seed gives the same batches, and the iterator's `get_state()` / `set_state()` re
 it exactly (grain stores only the next batch index). Elements are dicts of numpy
 arrays holding this host's share of the global batch:
 
-- stage1: {"image": (b, crop, crop, 1)}. SPEC: both modalities of a pair go into
-  the same batch as separate grayscale images, so b counts IMAGES (two per pair,
+- stage1: {"image": (b, crop, crop, 1)}. As in the reference (docs/model.md §2), both
+  modalities of a pair go into the same batch as separate grayscale images, so b counts IMAGES (two per pair,
   ordered [mri_0, other_0, mri_1, other_1, ...]) and must be even.
 - stage2: {"a": (b, crop, crop, 1), "b": (b, crop, crop, 1)}, b counts pairs; a is
   the MRI, b the other modality (luma for PET / SPECT), identically cropped/flipped.
@@ -26,10 +26,9 @@ import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import grain
-import ml_collections
 import numpy as np
 
-from dmfnet_jax import imageio
+from dmfnet_jax import imageio, validation
 from dmfnet_jax.data import pairs as pairs_lib
 from dmfnet_jax.data import phantoms
 from dmfnet_jax.errors import ConfigError, DataError
@@ -37,32 +36,12 @@ from dmfnet_jax.errors import ConfigError, DataError
 STAGES = ("stage1", "stage2")
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  """Data settings; the reference trains on random 160x160 crops with flips."""
-  cfg = ml_collections.ConfigDict()
-  cfg.root = ""  # empty: built-in phantoms, no download needed
-  cfg.tasks = list(pairs_lib.TASKS)
-  cfg.split = "train"
-  cfg.crop_size = 160
-  cfg.random_flip = True  # horizontal and vertical, each with probability 1/2
-  cfg.phantom_count = 64  # phantom pairs in total, tasks taken in turn
-  cfg.phantom_size = 256
-  cfg.phantom_seed = 0
-  cfg.num_workers = 0  # grain worker processes; 0 = in-process
-  cfg.worker_buffer_size = 2  # batches buffered per worker process
-  cfg.read_threads = 2  # threads preparing batches in each process
-  cfg.prefetch_buffer_size = 4  # batches prepared ahead in each process
-  return cfg
-
-
 def _integer_gray(image: np.ndarray) -> np.ndarray:
   """read_image output -> HxW uint8/uint16 such that `to_model_range` of it (or of any
   crop of it) equals `to_model_range` of the original image: RGB becomes its luma."""
   if image.ndim == 2:
     return image
-  if image.dtype == np.uint16:
-    image = (image.astype(np.float32) / 65535.0 * 255.0).round().astype(np.uint8)
-  return imageio.opencv_luma_uint8(image)
+  return imageio.opencv_luma_uint8(imageio.uint16_to_uint8(image))
 
 
 class PairSource:
@@ -202,36 +181,13 @@ def _derived_seed(*entropy: int) -> int:
   return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
 
 
-def _check_config(data_cfg) -> None:
-  tasks = list(data_cfg.tasks)
-  if not tasks:
-    raise ConfigError(f"data.tasks is empty; choose from {', '.join(pairs_lib.TASKS)}")
-  for task in tasks:
-    if task not in pairs_lib.TASKS:
-      raise ConfigError(
-          f"data.tasks: unknown task '{task}'; valid tasks are {', '.join(pairs_lib.TASKS)}"
-      )
-  crop = data_cfg.crop_size
-  if not isinstance(crop, int) or crop <= 0:
-    raise ConfigError(f"data.crop_size must be a positive integer, got {crop!r}")
-  if data_cfg.get("num_workers", 0) < 0:
-    raise ConfigError(f"data.num_workers must be >= 0, got {data_cfg.num_workers}")
-  if not data_cfg.root:
-    if data_cfg.phantom_count <= 0:
-      raise ConfigError(f"data.phantom_count must be positive, got {data_cfg.phantom_count}")
-    if data_cfg.phantom_size < crop:
-      raise ConfigError(
-          f"data.phantom_size ({data_cfg.phantom_size}) is smaller than data.crop_size ({crop})"
-      )
-
-
 def make_source(data_cfg):
   """The record source the config names: phantoms if `data.root` is empty, else files.
 
   Files are checked up front from their headers (readable, pair sizes equal, at
   least one crop large), so a bad file stops the job before training starts.
   """
-  _check_config(data_cfg)
+  validation.validate_data(data_cfg)
   split = data_cfg.get("split", "train") or "train"
   if not data_cfg.root:
     return PhantomSource(

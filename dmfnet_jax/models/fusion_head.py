@@ -1,4 +1,4 @@
-"""Stage II fusion head of DM-FNet (SPEC.md §2), NHWC.
+"""Stage II fusion head of DM-FNet (docs/model.md §4), NHWC.
 
 The head fuses the frozen Stage I UNet's decoder features of two sources (MRI
 first, the other modality second), taken at several noise levels, into one
@@ -15,8 +15,8 @@ image in [-1, 1]. Per level, coarse to fine:
 
 An output block (Conv3x3 -> LeakyReLU(0.2) -> Conv3x3 -> tanh) makes the image.
 
-Parameter names mirror the reference module tree so that `head_params_from_torch`
-is a plain renaming: level `i` holds `aggregate` (reference `decoder.<2i>`) and
+Parameter names mirror the reference module tree so that converting the authors'
+checkpoint (`dmfnet_jax.models.torch_convert`) is a plain renaming: level `i` holds `aggregate` (reference `decoder.<2i>`) and
 `attention`, `block`, `block1` (reference `decoder.<2i+1>.att|block|block1`).
 """
 
@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmfnet_jax.errors import CheckpointError, ConfigError
+from dmfnet_jax.config_defaults import DEFAULT_FEAT_SCALES, DEFAULT_TIMESTEPS, get_setting
+from dmfnet_jax.errors import ConfigError
 from dmfnet_jax.models.unet import decoder_channels
 
 _KERNEL_INIT = nn.initializers.orthogonal(scale=1.0)
@@ -37,18 +38,6 @@ _BIAS_INIT = nn.initializers.zeros_init()
 # Channel reduction of the channel-attention bottleneck (DEA-Net).
 CHANNEL_REDUCTION = 8
 OUTPUT_HIDDEN_CHANNELS = 64
-
-
-def _cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
-  """Reads a key from a ConfigDict, a dict or an object with attributes."""
-  if cfg is None:
-    return default
-  if isinstance(cfg, Mapping):
-    return cfg.get(name, default)
-  try:
-    return cfg[name]
-  except (KeyError, TypeError, AttributeError):
-    return getattr(cfg, name, default)
 
 
 def level_dims(model_cfg: Any, feat_scales: Sequence[int]) -> list[int]:
@@ -131,9 +120,9 @@ class CrossModalAttention(nn.Module):
   """DEA-Net attention on `s = a + b`; returns the fusion weight `w = s * sigmoid(pa)`.
 
   The reference's attention block (DEA-Net's `res * pattn2`) multiplies the
-  pixel-attention map by its input, so `w` is NOT confined to (0, 1); SPEC.md §2
-  calls the bare sigmoid `w`, but only `s * sigmoid` reproduces the parity
-  vectors (max error ~2e-6 vs ~0.46 for the bare sigmoid).
+  pixel-attention map by its input, so `w` is NOT confined to (0, 1): only
+  `s * sigmoid` reproduces the reference outputs (max error ~2e-6, against ~0.46 for
+  the bare sigmoid the paper's prose suggests); see docs/model.md §4.
   """
   dim: int
   dtype: Any = jnp.float32
@@ -264,8 +253,8 @@ class FusionHead(nn.Module):
 
 
 def fusion_head_from_config(model_cfg: Any, fusion_cfg: Any, dtype: Any = jnp.float32) -> FusionHead:
-  feat_scales = list(_cfg_get(fusion_cfg, "feat_scales", (2, 5, 8, 11, 14)))
-  timesteps = list(_cfg_get(fusion_cfg, "timesteps", (5, 10, 20)))
+  feat_scales = list(get_setting(fusion_cfg, "feat_scales", DEFAULT_FEAT_SCALES))
+  timesteps = list(get_setting(fusion_cfg, "timesteps", DEFAULT_TIMESTEPS))
   if not timesteps:
     raise ConfigError("fusion.timesteps is empty: the head needs at least one timestep")
   if not feat_scales:
@@ -274,7 +263,7 @@ def fusion_head_from_config(model_cfg: Any, fusion_cfg: Any, dtype: Any = jnp.fl
       dims=tuple(level_dims(model_cfg, feat_scales)),
       num_timesteps=len(timesteps),
       skip_aggregation_for_single_timestep=bool(
-          _cfg_get(fusion_cfg, "skip_aggregation_for_single_timestep", True)),
+          get_setting(fusion_cfg, "skip_aggregation_for_single_timestep", True)),
       dtype=dtype)
 
 
@@ -284,74 +273,10 @@ def order_features_coarse_to_fine(features: Sequence[Any], feat_scales: Sequence
   return [features[k] for k in order]
 
 
-# ---------------------------------------------------------------------------
-# PyTorch checkpoint import.
-
-
-def _torch_key_map(num_levels: int) -> dict[str, tuple[str, ...]]:
-  """Reference state_dict prefix -> path of the `_Conv` module in our params."""
-  mapping = {}
-  for i in range(num_levels):
-    agg, att = f"decoder.{2 * i}", f"decoder.{2 * i + 1}"
-    mapping[f"{agg}.block.0"] = (f"level{i}_aggregate", "conv0")
-    mapping[f"{agg}.block.2"] = (f"level{i}_aggregate", "conv2")
-    mapping[f"{att}.att.sa.sa"] = (f"level{i}_attention", "sa")
-    mapping[f"{att}.att.ca.ca.0"] = (f"level{i}_attention", "ca0")
-    mapping[f"{att}.att.ca.ca.2"] = (f"level{i}_attention", "ca2")
-    mapping[f"{att}.att.pa.pa2"] = (f"level{i}_attention", "pa")
-    mapping[f"{att}.block.0"] = (f"level{i}_block", "conv0")
-    mapping[f"{att}.block.2"] = (f"level{i}_block", "conv2")
-    if i >= 2:
-      mapping[f"{att}.block1.0"] = (f"level{i}_block1", "conv0")
-      mapping[f"{att}.block1.2"] = (f"level{i}_block1", "conv2")
-  mapping["rgb_decode2.conv"] = ("out_conv0",)
-  mapping["rgb_decode1.conv"] = ("out_conv1",)
-  return mapping
-
-
-def torch_key(path: Sequence[str], num_levels: int) -> str:
-  """Reference state_dict key of a head parameter path, e.g.
-  ('level2_block1', 'conv0', 'conv', 'kernel') -> 'decoder.5.block1.0.weight'."""
-  by_module = {module: prefix for prefix, module in _torch_key_map(num_levels).items()}
-  module = tuple(path[:-2])  # drop the inner ('conv', leaf)
-  if module not in by_module:
-    raise CheckpointError(f"no reference key for head parameter {'/'.join(path)}")
-  return f"{by_module[module]}.{'bias' if path[-1] == 'bias' else 'weight'}"
-
-
 def abstract_head_params(head: FusionHead) -> Any:
   """Parameter shapes (ShapeDtypeStructs) without initialising anything."""
   return jax.eval_shape(
       head.init, jax.random.PRNGKey(0), _dummy_features(head.dims, head.num_timesteps))["params"]
-
-
-def head_params_from_torch(state_dict: Mapping[str, Any], model_cfg: Any, fusion_cfg: Any) -> Any:
-  """Converts a reference head state_dict (bare keys) to FusionHead params.
-
-  Conv weights go OIHW -> HWIO; the grouped pixel-attention conv too, since
-  PyTorch's (O, I/groups, kh, kw) and XLA's feature_group_count kernel
-  (kh, kw, I/groups, O) group channels the same way. A checkpoint made with
-  another timestep count is named as such; any other missing, unexpected or
-  mis-shaped key raises CheckpointError naming the key and both shapes.
-  """
-  from dmfnet_jax.torch_import import params_from_state_dict  # local: torch stays optional
-
-  head = fusion_head_from_config(model_cfg, fusion_cfg)
-  dims = list(head.dims)
-  num_timesteps = head.num_timesteps
-  # A different timestep count shows in the aggregation conv's input channels.
-  agg_key = "decoder.0.block.0.weight"
-  if agg_key in state_dict and len(np.shape(state_dict[agg_key])) == 4:
-    in_channels = int(np.shape(state_dict[agg_key])[1])
-    if in_channels != dims[0] * num_timesteps and in_channels % dims[0] == 0:
-      raise CheckpointError(
-          f"head checkpoint was trained with {in_channels // dims[0]} timestep(s) "
-          f"('{agg_key}' takes {in_channels} input channels = {dims[0]} x "
-          f"{in_channels // dims[0]}), but fusion.timesteps has {num_timesteps} "
-          "entries; set fusion.timesteps to the checkpoint's timesteps")
-  return params_from_state_dict(
-      state_dict, abstract_head_params(head), lambda path: torch_key(path, len(dims)),
-      what="Stage II fusion head")
 
 
 def _dummy_features(dims: Sequence[int], num_timesteps: int, batch: int = 1,
@@ -369,7 +294,3 @@ def init_head_params(head: FusionHead, key: jax.Array, coarsest: int = 4) -> dic
   shapes = _dummy_features(head.dims, head.num_timesteps, coarsest=coarsest)
   dummy = [jnp.zeros(s.shape, s.dtype) for s in shapes]
   return jax.jit(head.init)(key, dummy)["params"]
-
-
-def count_params(params: Any) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

@@ -5,7 +5,7 @@ a rename plus a transpose: `downs_<i>`, `mid_<i>`, `ups_<i>` are the flat refere
 lists (resnet blocks and samplers interleaved), a resnet block holds `block1`,
 `block2`, `noise_func`, `res_conv`, an attention layer holds `norm`, `qkv`, `out`.
 
-Reference quirks kept on purpose (see SPEC.md §1):
+Reference quirks kept on purpose (see docs/model.md §1):
   * attention is decided by comparing `attn_res` with `image_size` halved per level,
     not with the actual feature size (image_size 256: level 4 and the middle attend;
     image_size 160: only the middle);
@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmfnet_jax.errors import ConfigError
+from dmfnet_jax import validation
+from dmfnet_jax.config_defaults import MODEL_DEFAULTS, get_setting
 
 Dtype = Any
 
@@ -34,20 +35,6 @@ GROUP_NORM_EPS = 1e-5
 # The reference initialises every conv/linear weight orthogonally (gain 1), biases 0.
 _KERNEL_INIT = nn.initializers.orthogonal(scale=1.0)
 _BIAS_INIT = nn.initializers.zeros_init()
-
-MODEL_DEFAULTS = dict(
-    in_channel=1,
-    out_channel=1,
-    inner_channel=128,
-    norm_groups=32,
-    channel_mults=(1, 1, 1, 1, 2),
-    attn_res=(16,),
-    res_blocks=2,
-    dropout=0.2,
-    image_size=256,
-    with_noise_level_emb=True,
-)
-
 
 def _conv(features: int, kernel: int, *, dtype: Dtype, name: str, stride: int = 1,
           use_bias: bool = True) -> nn.Conv:
@@ -316,20 +303,9 @@ class UNet(nn.Module):
     return out
 
 
-def _cfg_value(model_cfg: Any, key: str) -> Any:
-  if model_cfg is None:
-    return MODEL_DEFAULTS[key]
-  if isinstance(model_cfg, Mapping):
-    return model_cfg.get(key, MODEL_DEFAULTS[key])
-  try:  # ml_collections.ConfigDict and plain namespaces
-    return getattr(model_cfg, key)
-  except AttributeError:
-    return MODEL_DEFAULTS[key]
-
-
 def unet_kwargs(model_cfg: Any) -> dict[str, Any]:
   """The UNet attributes from a model config (ConfigDict, dict or None = defaults)."""
-  kwargs = {key: _cfg_value(model_cfg, key) for key in MODEL_DEFAULTS}
+  kwargs = {key: get_setting(model_cfg, key, default) for key, default in MODEL_DEFAULTS.items()}
   for key in ("channel_mults", "attn_res"):
     kwargs[key] = tuple(int(v) for v in kwargs[key])
   for key in ("in_channel", "out_channel", "inner_channel", "norm_groups", "res_blocks",
@@ -337,23 +313,8 @@ def unet_kwargs(model_cfg: Any) -> dict[str, Any]:
     kwargs[key] = int(kwargs[key])
   kwargs["dropout"] = float(kwargs["dropout"])
   kwargs["with_noise_level_emb"] = bool(kwargs["with_noise_level_emb"])
-  _validate(kwargs)
+  validation.validate_model(kwargs)
   return kwargs
-
-
-def _validate(kwargs: Mapping[str, Any]) -> None:
-  channels = kwargs["inner_channel"]
-  groups = kwargs["norm_groups"]
-  if channels <= 0 or channels % 2:
-    raise ConfigError(f"model.inner_channel must be a positive even number, got {channels}")
-  if not kwargs["channel_mults"] or kwargs["res_blocks"] < 1:
-    raise ConfigError("model.channel_mults must be non-empty and model.res_blocks >= 1")
-  for mult in kwargs["channel_mults"]:
-    if groups <= 0 or (channels * mult) % groups:
-      raise ConfigError(f"model.norm_groups={groups} must divide every level width "
-                        f"inner_channel*mult = {channels * mult}")
-  if not 0.0 <= kwargs["dropout"] < 1.0:
-    raise ConfigError(f"model.dropout must lie in [0, 1), got {kwargs['dropout']}")
 
 
 def unet_from_config(model_cfg: Any, dtype: Dtype = jnp.float32) -> UNet:
@@ -379,66 +340,3 @@ def abstract_params(model_cfg: Any) -> Any:
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape),
                                                 jnp.zeros(g.shape)))
   return variables["params"]
-
-
-# --- checkpoint conversion -------------------------------------------------------------
-
-# Buffers of the reference diffusion wrapper that are not UNet parameters.
-SCHEDULE_BUFFERS = frozenset({
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
-    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "sqrt_alphas_cumprod_prev",
-})
-TORCH_PREFIX = "denoise_fn."
-
-_BLOCK_CHILDREN = {"norm": "block.0", "conv": "block.3"}
-_MLP_CHILDREN = {"dense_in": "1", "dense_out": "3"}
-
-
-def torch_key(path: Sequence[str]) -> str:
-  """Reference state_dict key of a flax parameter path, e.g.
-  ('downs_0', 'res_block', 'block1', 'conv', 'kernel') ->
-  'downs.0.res_block.block1.block.3.weight'."""
-  parts = []
-  parent = None
-  for name in path[:-1]:
-    if parent in ("block1", "block2", "final_conv"):
-      parts.append(_BLOCK_CHILDREN[name])
-    elif parent == "noise_level_mlp":
-      parts.append(_MLP_CHILDREN[name])
-    elif name == "noise_func":
-      parts.append("noise_func.noise_func.0")
-    else:
-      head, _, index = name.rpartition("_")
-      if head in ("downs", "mid", "ups") and index.isdigit():
-        parts.append(f"{head}.{index}")
-      else:
-        parts.append(name)
-    parent = name
-  leaf = path[-1]
-  parts.append("bias" if leaf == "bias" else "weight")
-  return ".".join(parts)
-
-
-def unet_params_from_torch(state_dict: Mapping[str, Any], model_cfg: Any) -> Any:
-  """Converts a reference UNet (or diffusion wrapper) state_dict to flax params.
-
-  Accepts bare keys or keys under `denoise_fn.`; the wrapper's schedule buffers are
-  skipped. Raises CheckpointError naming the key on anything missing, unexpected or
-  mis-shaped (a checkpoint of another model config)."""
-  from dmfnet_jax.torch_import import params_from_state_dict  # local: avoids a cycle
-
-  bare = {}
-  for key, value in state_dict.items():
-    name = key[len(TORCH_PREFIX):] if key.startswith(TORCH_PREFIX) else key
-    if name in SCHEDULE_BUFFERS:
-      continue
-    bare[name] = value
-  return params_from_state_dict(bare, abstract_params(model_cfg), torch_key,
-                                what="Stage I UNet")
-
-
-def param_count(params: Any) -> int:
-  return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))

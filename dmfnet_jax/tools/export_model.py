@@ -19,11 +19,11 @@ from absl import app, flags
 
 
 def export(checkpoint: str, out: str, extra_meta: dict | None = None) -> pathlib.Path:
+  from dmfnet_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from dmfnet_jax.errors import CheckpointError  # pylint: disable=g-import-not-at-top
-  from dmfnet_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
-  from dmfnet_jax.train.stage2 import restore_two_stage  # pylint: disable=g-import-not-at-top
+  from dmfnet_jax.inference import restore_two_stage  # pylint: disable=g-import-not-at-top
 
-  store, step = checkpointing.open_for_reading(checkpoint)
+  store, step = checkpoints.open_for_reading(checkpoint)
   meta = store.read_meta(step)
   unet_params, head_params = restore_two_stage(store, step)
   params = {"unet": unet_params, "head": head_params}
@@ -32,7 +32,7 @@ def export(checkpoint: str, out: str, extra_meta: dict | None = None) -> pathlib
     raise CheckpointError(f"--out={out}: folder exists and is not empty")
   meta = dict(meta, job="exported", source={"checkpoint": str(store.directory), "step": step},
               **(extra_meta or {}))
-  target = checkpointing.CheckpointStore(out_path, keep=1, async_save=False)
+  target = checkpoints.CheckpointStore(out_path, keep=1, async_save=False)
   target.save(step, {"params": params, "meta": meta})
   target.close()
   return out_path

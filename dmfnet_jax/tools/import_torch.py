@@ -20,22 +20,20 @@ from ml_collections import config_flags
 
 
 def convert(config, stage1: str, stage2: str | None, out: str) -> pathlib.Path:
-  from dmfnet_jax import torch_import, validation  # pylint: disable=g-import-not-at-top
+  from dmfnet_jax import checkpoints, validation  # pylint: disable=g-import-not-at-top
   from dmfnet_jax.errors import CheckpointError  # pylint: disable=g-import-not-at-top
-  from dmfnet_jax.models import fusion_head as head_lib  # pylint: disable=g-import-not-at-top
-  from dmfnet_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
-  from dmfnet_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+  from dmfnet_jax.models import torch_convert  # pylint: disable=g-import-not-at-top
 
   validation.validate_model(config.model)
-  params = {"unet": unet_lib.unet_params_from_torch(
-      torch_import.load_torch_state_dict(stage1), config.model)}
+  params = {"unet": torch_convert.unet_params_from_torch(
+      torch_convert.load_torch_state_dict(stage1), config.model)}
   meta = {"job": "imported", "source": {"stage1": str(stage1)},
           "model": config.model.to_dict()}
   if stage2:
     if "fusion" not in config:
       raise CheckpointError("--stage2 needs a config with a `fusion` group (configs/fuse.py)")
-    params["head"] = head_lib.head_params_from_torch(
-        torch_import.load_torch_state_dict(stage2), config.model, config.fusion)
+    params["head"] = torch_convert.head_params_from_torch(
+        torch_convert.load_torch_state_dict(stage2), config.model, config.fusion)
     meta["source"]["stage2"] = str(stage2)
     meta["fusion"] = config.fusion.to_dict()
   if "diffusion" in config:
@@ -43,7 +41,7 @@ def convert(config, stage1: str, stage2: str | None, out: str) -> pathlib.Path:
   out_path = pathlib.Path(out)
   if out_path.exists() and any(out_path.iterdir()):
     raise CheckpointError(f"--out={out}: folder exists and is not empty")
-  store = checkpointing.CheckpointStore(out_path, keep=1, async_save=False)
+  store = checkpoints.CheckpointStore(out_path, keep=1, async_save=False)
   store.save(0, {"params": params, "meta": meta})
   store.close()
   return out_path

@@ -11,19 +11,19 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import signal
 import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
-from etils import epath
 import numpy as np
 from absl import logging
+from tqdm.auto import tqdm
 
+from dmfnet_jax.checkpoints import CheckpointStore
 from dmfnet_jax.errors import DmfnetError
-from dmfnet_jax.train.checkpointing import CheckpointStore, as_path, is_local
+from dmfnet_jax.runtime import is_chief, is_remote, workdir_path
 
 # Test hook (tests/test_fault_tolerance.py): seconds to wait after each step, so a
 # test can kill a run between two steps however fast the steps are. Unset in normal use.
@@ -34,24 +34,6 @@ class TrainingDiverged(DmfnetError):
   """The loss became NaN or infinite."""
 
 
-def is_chief() -> bool:
-  return jax.process_index() == 0
-
-
-def write_json_atomic(path: os.PathLike | str, payload: Any) -> None:
-  """Local files via a temporary file and a rename; object stores (gs://) write
-  whole objects, which is atomic there."""
-  text = json.dumps(payload, indent=2, sort_keys=True, default=str)
-  if not is_local(path):
-    epath.Path(os.fspath(path)).write_text(text)
-    return
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 class MetricsWriter:
   """One JSON line per logged step in `workdir/metrics.jsonl` (chief only).
 
@@ -59,14 +41,14 @@ class MetricsWriter:
   is rewritten whole (it stays small: one line per logged step)."""
 
   def __init__(self, workdir: os.PathLike | str):
-    self.path = as_path(workdir) / "metrics.jsonl"
+    self.path = workdir_path(workdir) / "metrics.jsonl"
     self._lines = None
 
   def write(self, record: Mapping[str, Any]) -> None:
     if not is_chief():
       return
     line = json.dumps(record, default=float) + "\n"
-    if is_local(self.path):
+    if not is_remote(self.path):
       with open(os.fspath(self.path), "a") as f:
         f.write(line)
       return
@@ -149,12 +131,8 @@ def run_loop(*, state: Any, start_step: int, train_step: Callable, batches: Iter
   last_loss = math.nan
   progress = None
   if is_chief():
-    try:
-      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-      progress = tqdm(total=settings.num_steps, initial=step, desc="train", unit="step",
-                      dynamic_ncols=True, mininterval=2.0, disable=None)
-    except ImportError:
-      progress = None
+    progress = tqdm(total=settings.num_steps, initial=step, desc="train", unit="step",
+                    dynamic_ncols=True, mininterval=2.0, disable=None)
 
   def check_finite(loss_value: float):
     if settings.stop_on_nonfinite and not math.isfinite(loss_value):

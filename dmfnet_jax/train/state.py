@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from dmfnet_jax import config_defaults
-from dmfnet_jax.errors import ConfigError
-from dmfnet_jax.train import sharding as sharding_lib
+from dmfnet_jax import sharding as sharding_lib
+from dmfnet_jax import validation
 
 
 @flax.struct.dataclass
@@ -26,15 +25,13 @@ class TrainState:
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
   """AdamW for Stage I, Adam for Stage II (as the reference), optional clipping."""
-  name = train_cfg.optimizer
-  if name == "adamw":
+  validation.validate_optimizer(train_cfg)
+  if train_cfg.optimizer == "adamw":
     opt = optax.adamw(train_cfg.learning_rate, b1=train_cfg.b1, b2=train_cfg.b2,
                       eps=train_cfg.eps, weight_decay=train_cfg.weight_decay)
-  elif name == "adam":
+  else:
     opt = optax.adam(train_cfg.learning_rate, b1=train_cfg.b1, b2=train_cfg.b2,
                      eps=train_cfg.eps)
-  else:
-    raise ConfigError(f"config.train.optimizer='{name}': use 'adamw' or 'adam'")
   if train_cfg.grad_clip_norm and train_cfg.grad_clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip_norm), opt)
   return opt
@@ -51,22 +48,20 @@ def learning_rate_factor(train_cfg) -> Callable[[jax.Array], jax.Array]:
   instead of living inside the optimizer, so the optimizer state is the same for every
   schedule and a run may switch schedule when it resumes.
   """
-  kind = train_cfg.get("lr_schedule", "constant")
-  if kind == "constant":
-    schedule = lambda step: jnp.float32(1.0)
-  elif kind == "linear_decay":
-    start = float(train_cfg.decay_start_step)
-    length = max(float(train_cfg.num_steps) - start, 1.0)
-    schedule = lambda step: jnp.clip((float(train_cfg.num_steps) - step) / length, 0.0, 1.0
-                                     ).astype(jnp.float32)
+  validation.validate_lr_schedule(train_cfg)
+  if train_cfg.get("lr_schedule", "constant") == "linear_decay":
+    start = int(train_cfg.decay_start_step)
+    schedule = optax.join_schedules(
+        [optax.constant_schedule(1.0),
+         optax.linear_schedule(1.0, 0.0, max(int(train_cfg.num_steps) - start, 1))], [start])
   else:
-    raise ConfigError(f"config.train.lr_schedule='{kind}': use one of "
-                      f"{', '.join(config_defaults.LR_SCHEDULES)}")
+    schedule = optax.constant_schedule(1.0)
   warmup = int(train_cfg.get("warmup_steps", 0))
-  if warmup <= 0:
-    return schedule
-  return lambda step: (schedule(step) * jnp.clip((step + 1.0) / warmup, 0.0, 1.0)
-                       ).astype(jnp.float32)
+  if warmup <= 1:  # a one-step ramp is the full rate from the first step
+    return lambda step: jnp.asarray(schedule(step), jnp.float32)
+  # (step + 1) / warmup: the first step already moves the parameters.
+  ramp = optax.linear_schedule(1.0 / warmup, 1.0, warmup - 1)
+  return lambda step: jnp.asarray(schedule(step) * ramp(step), jnp.float32)
 
 
 def apply_gradients(state: "TrainState", grads: Any, tx: optax.GradientTransformation,
@@ -74,8 +69,8 @@ def apply_gradients(state: "TrainState", grads: Any, tx: optax.GradientTransform
   """(new params, new optimizer state) for one step at the scheduled rate."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   factor = lr_factor(state.step)
-  params = jax.tree.map(lambda p, u: p + (factor * u).astype(p.dtype), state.params, updates)
-  return params, opt_state
+  updates = jax.tree.map(lambda u: factor * u, updates)
+  return optax.apply_updates(state.params, updates), opt_state
 
 
 def create_state(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
@@ -114,10 +109,3 @@ def init_sharded_state(init_params_fn, tx, rng, mesh: Mesh, *, ema: bool,
 
 def ema_update(ema_params, params, decay: float):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
-
-
-def compute_dtype(train_cfg):
-  name = train_cfg.compute_dtype
-  if name not in ("float32", "bfloat16"):
-    raise ConfigError(f"config.train.compute_dtype='{name}': use 'float32' or 'bfloat16'")
-  return jnp.bfloat16 if name == "bfloat16" else jnp.float32

@@ -1,4 +1,4 @@
-"""The shared start of every training job: workdir, mesh, optimizer, abstract state."""
+"""The training scaffold: workdir, mesh, optimizer, abstract state, loop settings."""
 
 import json
 
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from dmfnet_jax.errors import ConfigError
-from dmfnet_jax.train import setup
+from dmfnet_jax.train import trainer
 from conftest import micro_config
 
 
 def test_start_run_writes_config_and_builds_what_jobs_share(tmp_path):
   config = micro_config("stage2", learning_rate=3e-4)
-  basics = setup.start_run(config, str(tmp_path / "w"))
+  basics = trainer.start_run(config, str(tmp_path / "w"))
   saved = json.loads((tmp_path / "w" / "config.json").read_text())
   assert saved["train"]["learning_rate"] == 3e-4
   assert basics.global_batch == 2 and basics.mesh.size == jax.device_count()
@@ -28,13 +28,13 @@ def test_start_run_rejects_a_mesh_larger_than_the_devices(tmp_path):
   config = micro_config("stage1")
   config.mesh.data = jax.device_count() + 1
   with pytest.raises(ConfigError, match="config.mesh"):
-    setup.start_run(config, str(tmp_path / "w"))
+    trainer.start_run(config, str(tmp_path / "w"))
 
 
 def test_abstract_state_allocates_nothing_and_carries_shardings(tmp_path):
-  basics = setup.start_run(micro_config("stage1"), str(tmp_path / "w"))
+  basics = trainer.start_run(micro_config("stage1"), str(tmp_path / "w"))
   init = lambda rng: {"w": jax.random.normal(rng, (3, 4))}
-  shardings, abstract = setup.abstract_sharded_state(init, basics, jax.random.PRNGKey(0), ema=True)
+  shardings, abstract = trainer.abstract_sharded_state(init, basics, jax.random.PRNGKey(0), ema=True)
   assert isinstance(abstract.params["w"], jax.ShapeDtypeStruct)
   assert abstract.params["w"].shape == (3, 4) and abstract.params["w"].dtype == jnp.float32
   assert abstract.ema_params["w"].sharding == shardings.ema_params["w"]
@@ -42,5 +42,5 @@ def test_abstract_state_allocates_nothing_and_carries_shardings(tmp_path):
 
 
 def test_loop_settings_read_the_train_group():
-  settings = setup.loop_settings(micro_config("stage1", num_steps=7, log_every=3).train, 4)
+  settings = trainer.loop_settings(micro_config("stage1", num_steps=7, log_every=3).train, 4)
   assert (settings.num_steps, settings.log_every, settings.images_per_step) == (7, 3, 4)

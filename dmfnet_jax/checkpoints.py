@@ -1,4 +1,4 @@
-"""Orbax checkpoints under a workdir: train state, data iterator and metadata.
+"""Orbax checkpoints: train state, data iterator, frozen and exported parameters, metadata.
 
 Each step directory holds the items `state` (the train state pytree), `data`
 (the grain iterator state, so a resumed run continues the same stream), `meta`
@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-
-from etils import epath
 import time
 from typing import Any, Mapping, Optional, Sequence
 
@@ -23,7 +20,9 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
+from dmfnet_jax import runtime
 from dmfnet_jax.errors import CheckpointError
 
 ITEM_NAMES = ("state", "data", "meta", "unet", "params")
@@ -67,7 +66,7 @@ class CheckpointStore:
 
   def __init__(self, directory: os.PathLike | str, *, keep: int = 3,
                async_save: bool = True, read_only: bool = False):
-    self.directory = as_path(directory)
+    self.directory = runtime.workdir_path(directory)
     self.read_only = read_only
     if read_only and not self.directory.is_dir():
       raise CheckpointError(f"{self.directory}: no such checkpoint directory")
@@ -170,26 +169,13 @@ class CheckpointStore:
     self.manager.close()
 
 
-def as_path(path: os.PathLike | str) -> epath.Path:
-  """Local paths made absolute; `gs://` and other remote paths kept as they are
-  (Orbax and etils write to them directly)."""
-  text = os.fspath(path)
-  if "://" in text:
-    return epath.Path(text)
-  return epath.Path(pathlib.Path(text).expanduser().absolute())
-
-
-def is_local(path: os.PathLike | str) -> bool:
-  return "://" not in os.fspath(path)
-
-
 def checkpoint_dir(workdir: os.PathLike | str) -> epath.Path:
-  return as_path(workdir) / "checkpoints"
+  return runtime.workdir_path(workdir) / "checkpoints"
 
 
 def resolve_checkpoint_path(path: os.PathLike | str) -> epath.Path:
   """A workdir, its `checkpoints/` folder, or one step folder -> the manager folder."""
-  path = as_path(path)
+  path = runtime.workdir_path(path)
   if not path.exists():
     raise CheckpointError(f"{path}: checkpoint path does not exist")
   if (path / "checkpoints").is_dir():
@@ -213,18 +199,47 @@ def open_for_reading(path: os.PathLike | str) -> tuple[CheckpointStore, int]:
   return store, step
 
 
-def config_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any],
-                    keys: Optional[Sequence[str]] = None) -> list[str]:
-  """Human-readable differences between two config dicts (for model configs)."""
-  keys = keys if keys is not None else sorted(set(saved) | set(current))
+# The config groups that describe a model; a checkpoint records those its job has.
+MODEL_GROUPS = ("model", "fusion", "diffusion", "loss")
+# Of those, the groups whose every key changes the parameters or the outputs.
+STRUCTURE_GROUPS = ("model", "fusion")
+
+
+def model_meta(config, job: str) -> dict:
+  """The `meta` item of a checkpoint: its job and the model-describing config groups."""
+  meta = {"job": job}
+  for group in MODEL_GROUPS:
+    if group in config:
+      meta[group] = config[group].to_dict()
+  return meta
+
+
+def config_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """`key: checkpoint X vs config Y` for each key of `current` whose saved value differs."""
   diffs = []
-  for key in keys:
+  for key in sorted(current):
     a, b = saved.get(key), current.get(key)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
       a, b = list(a), list(b)
     if a != b:
       diffs.append(f"{key}: checkpoint {a!r} vs config {b!r}")
   return diffs
+
+
+def check_model_matches(meta: Mapping[str, Any], groups: Mapping[str, Mapping[str, Any]],
+                        where: Any, hint: str = "Use the config it was trained with, or a "
+                        "fresh --workdir.") -> None:
+  """Raises CheckpointError naming every key of `groups` whose recorded value differs.
+
+  Groups the checkpoint does not record are not compared."""
+  problems = []
+  for group, current in groups.items():
+    saved = meta.get(group)
+    if saved is not None:
+      problems += [f"{group}.{d}" for d in config_mismatch(saved, dict(current))]
+  if problems:
+    raise CheckpointError(f"{where} was made with a different model config:\n  "
+                          + "\n  ".join(problems) + "\n" + hint)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

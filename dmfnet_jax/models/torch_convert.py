@@ -1,0 +1,245 @@
+"""The authors' PyTorch checkpoints: reading them and converting them to our parameters.
+
+torch is an optional dependency: it is imported only when a `.pth` file is read, and
+only tensors are unpickled (`weights_only`), never code. Conversion is driven by the
+flax side: every expected flax parameter names its reference key, so a checkpoint of
+another model config fails on the first key whose shape differs, naming it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from dmfnet_jax.errors import CheckpointError
+from dmfnet_jax.models import fusion_head as head_lib
+from dmfnet_jax.models import unet as unet_lib
+
+# Containers the reference (and common training scripts) wrap a state_dict in.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "params")
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # torch.Tensor
+    value = value.detach().cpu()
+    if str(value.dtype) == "torch.bfloat16":
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a torch checkpoint into {key: numpy array}, unwrapping {'state_dict': ...}."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise CheckpointError(
+        f"Reading the PyTorch checkpoint {path} needs torch: "
+        "pip install 'dmfnet-jax[torch]'") from e
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise CheckpointError(f"Checkpoint file {path} does not exist")
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many types for corrupt/foreign files
+    raise CheckpointError(f"Cannot read PyTorch checkpoint {path}: {e}") from e
+  for _ in range(3):  # nested wrappers, e.g. {'model': {'state_dict': ...}}
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+      inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)),
+                   None)
+      if inner is None:
+        break
+      obj = inner
+  if not isinstance(obj, Mapping) or not _is_state_dict(obj):
+    raise CheckpointError(
+        f"{path} does not hold a state_dict (a mapping of parameter names to tensors)")
+  return {str(k): _to_numpy(v) for k, v in obj.items()}
+
+
+def _is_state_dict(obj: Mapping[str, Any]) -> bool:
+  return bool(obj) and all(
+      isinstance(k, str) and (hasattr(v, "shape") and hasattr(v, "dtype"))
+      for k, v in obj.items())
+
+
+def torch_to_flax_array(leaf_name: str, value: np.ndarray) -> np.ndarray:
+  """Layout change of one tensor: conv OIHW -> HWIO, linear (out, in) -> (in, out)."""
+  if leaf_name == "kernel":
+    if value.ndim == 4:
+      return np.transpose(value, (2, 3, 1, 0))
+    if value.ndim == 3:  # Conv1d OIW -> WIO
+      return np.transpose(value, (2, 1, 0))
+    if value.ndim == 2:
+      return value.T
+  return value
+
+
+def _flax_to_torch_shape(leaf_name: str, shape: Sequence[int]) -> tuple[int, ...]:
+  shape = tuple(shape)
+  if leaf_name == "kernel":
+    if len(shape) == 4:
+      return (shape[3], shape[2], shape[0], shape[1])
+    if len(shape) == 3:
+      return (shape[2], shape[1], shape[0])
+    if len(shape) == 2:
+      return (shape[1], shape[0])
+  return shape
+
+
+def params_from_state_dict(state_dict: Mapping[str, Any], expected: Any,
+                           key_for_path: Callable[[Sequence[str]], str], *,
+                           what: str = "model") -> Any:
+  """Fills the flax tree `expected` (arrays or ShapeDtypeStructs) from a state_dict.
+
+  `key_for_path` maps a flax path (tuple of names, leaf last) to the reference key.
+  Every expected key must be present with the right shape, and every state_dict key
+  must be used; otherwise CheckpointError names the key and both shapes."""
+  used = set()
+
+  def convert(path, leaf):
+    names = tuple(getattr(p, "key", getattr(p, "name", str(p))) for p in path)
+    key = key_for_path(names)
+    want = _flax_to_torch_shape(names[-1], leaf.shape)
+    if key not in state_dict:
+      raise CheckpointError(
+          f"{what} checkpoint lacks key '{key}' (expected shape {want}); is it a "
+          "checkpoint of this model and config?")
+    value = _to_numpy(state_dict[key])
+    if tuple(value.shape) != want:
+      raise CheckpointError(
+          f"{what} checkpoint key '{key}' has shape {tuple(value.shape)}, the model config "
+          f"expects {want}; the checkpoint was made with another model config")
+    used.add(key)
+    return np.ascontiguousarray(torch_to_flax_array(names[-1], value), dtype=np.float32)
+
+  params = jax.tree_util.tree_map_with_path(convert, expected)
+  unexpected = sorted(set(state_dict) - used)
+  if unexpected:
+    shape = tuple(_to_numpy(state_dict[unexpected[0]]).shape)
+    raise CheckpointError(
+        f"{what} checkpoint has unexpected key '{unexpected[0]}' (shape {shape})"
+        + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+        + "; the checkpoint was made with another model or config")
+  return params
+
+
+# --- Stage I UNet --------------------------------------------------------------------
+
+# Buffers of the reference diffusion wrapper that are not UNet parameters.
+SCHEDULE_BUFFERS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "sqrt_alphas_cumprod_prev",
+})
+TORCH_PREFIX = "denoise_fn."
+
+_BLOCK_CHILDREN = {"norm": "block.0", "conv": "block.3"}
+_MLP_CHILDREN = {"dense_in": "1", "dense_out": "3"}
+
+
+def unet_torch_key(path: Sequence[str]) -> str:
+  """Reference state_dict key of a flax parameter path, e.g.
+  ('downs_0', 'res_block', 'block1', 'conv', 'kernel') ->
+  'downs.0.res_block.block1.block.3.weight'."""
+  parts = []
+  parent = None
+  for name in path[:-1]:
+    if parent in ("block1", "block2", "final_conv"):
+      parts.append(_BLOCK_CHILDREN[name])
+    elif parent == "noise_level_mlp":
+      parts.append(_MLP_CHILDREN[name])
+    elif name == "noise_func":
+      parts.append("noise_func.noise_func.0")
+    else:
+      head, _, index = name.rpartition("_")
+      if head in ("downs", "mid", "ups") and index.isdigit():
+        parts.append(f"{head}.{index}")
+      else:
+        parts.append(name)
+    parent = name
+  leaf = path[-1]
+  parts.append("bias" if leaf == "bias" else "weight")
+  return ".".join(parts)
+
+
+def unet_params_from_torch(state_dict: Mapping[str, Any], model_cfg: Any) -> Any:
+  """Converts a reference UNet (or diffusion wrapper) state_dict to flax params.
+
+  Accepts bare keys or keys under `denoise_fn.`; the wrapper's schedule buffers are
+  skipped. Raises CheckpointError naming the key on anything missing, unexpected or
+  mis-shaped (a checkpoint of another model config)."""
+  bare = {}
+  for key, value in state_dict.items():
+    name = key[len(TORCH_PREFIX):] if key.startswith(TORCH_PREFIX) else key
+    if name in SCHEDULE_BUFFERS:
+      continue
+    bare[name] = value
+  return params_from_state_dict(bare, unet_lib.abstract_params(model_cfg), unet_torch_key,
+                                what="Stage I UNet")
+
+
+# --- Stage II fusion head ------------------------------------------------------------
+
+
+def _torch_key_map(num_levels: int) -> dict[str, tuple[str, ...]]:
+  """Reference state_dict prefix -> path of the `_Conv` module in our params."""
+  mapping = {}
+  for i in range(num_levels):
+    agg, att = f"decoder.{2 * i}", f"decoder.{2 * i + 1}"
+    mapping[f"{agg}.block.0"] = (f"level{i}_aggregate", "conv0")
+    mapping[f"{agg}.block.2"] = (f"level{i}_aggregate", "conv2")
+    mapping[f"{att}.att.sa.sa"] = (f"level{i}_attention", "sa")
+    mapping[f"{att}.att.ca.ca.0"] = (f"level{i}_attention", "ca0")
+    mapping[f"{att}.att.ca.ca.2"] = (f"level{i}_attention", "ca2")
+    mapping[f"{att}.att.pa.pa2"] = (f"level{i}_attention", "pa")
+    mapping[f"{att}.block.0"] = (f"level{i}_block", "conv0")
+    mapping[f"{att}.block.2"] = (f"level{i}_block", "conv2")
+    if i >= 2:
+      mapping[f"{att}.block1.0"] = (f"level{i}_block1", "conv0")
+      mapping[f"{att}.block1.2"] = (f"level{i}_block1", "conv2")
+  mapping["rgb_decode2.conv"] = ("out_conv0",)
+  mapping["rgb_decode1.conv"] = ("out_conv1",)
+  return mapping
+
+
+def head_torch_key(path: Sequence[str], num_levels: int) -> str:
+  """Reference state_dict key of a head parameter path, e.g.
+  ('level2_block1', 'conv0', 'conv', 'kernel') -> 'decoder.5.block1.0.weight'."""
+  by_module = {module: prefix for prefix, module in _torch_key_map(num_levels).items()}
+  module = tuple(path[:-2])  # drop the inner ('conv', leaf)
+  if module not in by_module:
+    raise CheckpointError(f"no reference key for head parameter {'/'.join(path)}")
+  return f"{by_module[module]}.{'bias' if path[-1] == 'bias' else 'weight'}"
+
+
+def head_params_from_torch(state_dict: Mapping[str, Any], model_cfg: Any, fusion_cfg: Any) -> Any:
+  """Converts a reference head state_dict (bare keys) to FusionHead params.
+
+  Conv weights go OIHW -> HWIO; the grouped pixel-attention conv too, since
+  PyTorch's (O, I/groups, kh, kw) and XLA's feature_group_count kernel
+  (kh, kw, I/groups, O) group channels the same way. A checkpoint made with
+  another timestep count is named as such; any other missing, unexpected or
+  mis-shaped key raises CheckpointError naming the key and both shapes.
+  """
+  head = head_lib.fusion_head_from_config(model_cfg, fusion_cfg)
+  dims = list(head.dims)
+  num_timesteps = head.num_timesteps
+  # A different timestep count shows in the aggregation conv's input channels.
+  agg_key = "decoder.0.block.0.weight"
+  if agg_key in state_dict and len(np.shape(state_dict[agg_key])) == 4:
+    in_channels = int(np.shape(state_dict[agg_key])[1])
+    if in_channels != dims[0] * num_timesteps and in_channels % dims[0] == 0:
+      raise CheckpointError(
+          f"head checkpoint was trained with {in_channels // dims[0]} timestep(s) "
+          f"('{agg_key}' takes {in_channels} input channels = {dims[0]} x "
+          f"{in_channels // dims[0]}), but fusion.timesteps has {num_timesteps} "
+          "entries; set fusion.timesteps to the checkpoint's timesteps")
+  return params_from_state_dict(
+      state_dict, head_lib.abstract_head_params(head), lambda path: head_torch_key(path, len(dims)),
+      what="Stage II fusion head")
