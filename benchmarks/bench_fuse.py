@@ -31,7 +31,7 @@ def main():
   import ml_collections
   import numpy as np
   from dmfnet_jax import config_defaults as defaults
-  from dmfnet_jax import inference
+  from dmfnet_jax import engine
   from dmfnet_jax.models import fusion_head as head_lib
   from dmfnet_jax.models import unet as unet_lib
 
@@ -47,7 +47,7 @@ def main():
     head = head_lib.fusion_head_from_config(config.model, config.fusion)
     rand = lambda tree: jax.tree.map(
         lambda s: jnp.asarray(rng.normal(0, 0.05, s.shape).astype(np.float32)), tree)
-    model = inference.FusionModel(config=config, unet_params=rand(unet_lib.abstract_params(config.model)),
+    model = engine.FusionModel(config=config, unet_params=rand(unet_lib.abstract_params(config.model)),
                              head_params=rand(head_lib.abstract_head_params(head)))
     for batch in (int(b) for b in args.batches.split(",")):
       a = rng.uniform(-1, 1, (batch, args.size, args.size, 1)).astype(np.float32)

@@ -28,9 +28,9 @@ def get_config(arg=None):
   stage2.train.update(num_steps=20, log_every=10, checkpoint_every=20, preview_every=20)
   fuse = _load("fuse", "tiny")
   fuse.fuse.phantom_count = 2  # per task
+  stage1.model = defaults.model_config("cpu")  # Stage II and fuse read it from checkpoints
   for sub in (stage1, stage2, fuse):
     sub.data.phantom_count = 12
-    sub.model = defaults.model_config("cpu")
   config.stage1, config.stage2, config.fuse = stage1, stage2, fuse
   config.compare_with_shipped_model = True
   config.shipped_fuse = _load("fuse")  # the shipped model; inputs set by the job

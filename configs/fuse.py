@@ -15,9 +15,11 @@ inputs (`<task>/<id>.png` for a dataset): grayscale for MRI-CT, colour for PET/S
 
 Model: by default the model this project trained on the Harvard training split and
 ships in the package (`dmfnet_jax/weights/`, see MODEL_CARD.md), so this command
-fuses out of the box. `--config.checkpoint=DIR` picks another two-stage checkpoint;
-its model must match the preset: `:reference` (the paper's model, e.g. imported
-weights), `:tiny`, or `:cpu` (the shipped model's structure, the default).
+fuses out of the box. `--config.checkpoint=DIR` picks another two-stage checkpoint (a
+Stage II workdir, an exported model, an import of the authors' weights). The checkpoint
+says what the model is: `config.model` and `config.fusion` are read from it, and a key
+set on the command line must agree with it. Presets: `cpu` (the default) fuses with the
+shipped model; `reference` and `tiny` have no default checkpoint.
 """
 
 from dmfnet_jax import config_defaults as defaults
@@ -28,9 +30,9 @@ def get_config(arg=None):
   defaults.check_preset("fuse.py", preset, ('reference', 'tiny', 'cpu'))
   config = defaults.base_config(job="fuse")
   config.checkpoint = defaults.shipped_model_dir() if preset == "cpu" else ""
-  config.model = defaults.model_config(preset)
+  config.model = defaults.model_config_from_checkpoint()
   config.diffusion = defaults.diffusion_config("linear")
-  config.fusion = defaults.fusion_config()
+  config.fusion = defaults.fusion_config_from_checkpoint()
   config.data = defaults.data_config()
   config.data.split = "test"
   config.fuse = defaults.fuse_config()

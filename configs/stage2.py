@@ -6,7 +6,11 @@ fusion head with the hybrid intensity/gradient/SSIM loss (docs/model.md §3-5).
 Reference: Adam lr 1e-4, batch 1, 160x160 crops with flips, 300 epochs over the
 689 Harvard training pairs (~206,700 steps).
 
-Presets: `configs/stage2.py:tiny` (the tiny UNet, 64x64 crops) for CPU demos/tests;
+The Stage I checkpoint says what the UNet is (`config.model` is read from it) and an
+`init_checkpoint` what the head is (`config.fusion`; else the reference's); a key set on
+the command line must agree with them.
+
+Presets: `configs/stage2.py:tiny` (64x64 crops) for CPU demos/tests;
 `cpu`: the settings of the shipped model (Harvard train split, 96x96 crops, 2 pairs per
 step, a linear learning-rate decay over the last 1,800 of 8,800 steps; the later phases,
 which start from `config.init_checkpoint`, are in MODEL_CARD.md).
@@ -26,9 +30,9 @@ def get_config(arg=None):
   # Optional: a two-stage checkpoint (a Stage II workdir, an exported or imported model)
   # whose head starts this run; its Stage I UNet is used when stage1_checkpoint is empty.
   config.init_checkpoint = ""
-  config.model = defaults.model_config(preset)
+  config.model = defaults.model_config_from_checkpoint()
   config.diffusion = defaults.diffusion_config("linear")
-  config.fusion = defaults.fusion_config()
+  config.fusion = defaults.fusion_config_from_checkpoint()
   config.loss = defaults.loss_config()
   config.data = defaults.data_config(crop_size=160)
   config.train = defaults.train_config(

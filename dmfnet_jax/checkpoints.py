@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from dmfnet_jax import runtime
+from dmfnet_jax import runtime, validation
 from dmfnet_jax.errors import CheckpointError
 
 ITEM_NAMES = ("state", "data", "meta", "unet", "params")
@@ -226,17 +226,35 @@ def config_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> lis
   return diffs
 
 
+def _comparable(group: str, values: Mapping[str, Any]) -> dict:
+  """A config group as far as it decides the parameters and outputs of a model.
+
+  Model groups compare the levels that attend rather than `image_size`/`attn_res`
+  (160 and 640 build the same released model) and leave out dropout, which the
+  parameters do not depend on."""
+  values = {k: v for k, v in values.items() if v is not None}
+  if group != "model" or not {"image_size", "attn_res", "channel_mults"} <= set(values):
+    return values
+  down, up = validation.attention_levels(values["channel_mults"], values["attn_res"],
+                                         values["image_size"])
+  values = {k: v for k, v in values.items() if k not in ("image_size", "attn_res", "dropout")}
+  values["attention_levels"] = [list(down), list(up)]
+  return values
+
+
 def check_model_matches(meta: Mapping[str, Any], groups: Mapping[str, Mapping[str, Any]],
                         where: Any, hint: str = "Use the config it was trained with, or a "
                         "fresh --workdir.") -> None:
-  """Raises CheckpointError naming every key of `groups` whose recorded value differs.
+  """The one checkpoint-versus-config check: raises CheckpointError naming every key of
+  `groups` whose value differs from what the checkpoint records (`meta`).
 
-  Groups the checkpoint does not record are not compared."""
+  Groups the checkpoint does not record, and unset (None) config values, are not compared."""
   problems = []
   for group, current in groups.items():
     saved = meta.get(group)
     if saved is not None:
-      problems += [f"{group}.{d}" for d in config_mismatch(saved, dict(current))]
+      current = _comparable(group, dict(current))
+      problems += [f"{group}.{d}" for d in config_mismatch(_comparable(group, saved), current)]
   if problems:
     raise CheckpointError(f"{where} was made with a different model config:\n  "
                           + "\n  ".join(problems) + "\n" + hint)

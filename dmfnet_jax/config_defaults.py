@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import ml_collections
+from ml_collections import config_dict
 
 from dmfnet_jax import paths
 
@@ -19,9 +20,11 @@ TASKS = ("MRI-CT", "MRI-PET", "MRI-SPECT")
 # Image files read as inputs and written as outputs (Pillow codecs).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
-# The reference UNet (docs/model.md §1). image_size is a structural hyper-parameter
-# (the attention rule compares attn_res with it halved per level), not the input size:
-# 256 puts attention at the 16x16 level and in the middle (21,984,641 parameters).
+# The reference UNet: the structure of the authors' released model (docs/model.md §1).
+# image_size is a structural hyper-parameter (the attention rule compares attn_res with
+# it halved per level), not the input size. The authors trained with 160 and test with
+# 640: no level is 16, so only the middle block attends (20,670,081 parameters at C=128).
+# image_size 256 also puts attention at the 16x16 level (21,984,641 parameters).
 MODEL_DEFAULTS = dict(
     in_channel=1,
     out_channel=1,
@@ -31,7 +34,7 @@ MODEL_DEFAULTS = dict(
     attn_res=(16,),
     res_blocks=2,
     dropout=0.2,
-    image_size=256,
+    image_size=160,
     with_noise_level_emb=True,
 )
 REFERENCE_MODEL = dict(MODEL_DEFAULTS)
@@ -106,6 +109,23 @@ def model_config(preset: str = "reference") -> ml_collections.ConfigDict:
   # Sequences are tuples: ml_collections can override tuples from the command line
   # (--config.model.channel_mults='(1,2,2)'), not lists.
   return ml_collections.ConfigDict(dict(MODEL_PRESETS[preset]))
+
+
+def _unset_like(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Every key unset (None) but typed, so `--config.<group>.<key>=...` still parses."""
+  return ml_collections.ConfigDict(
+      {key: config_dict.placeholder(type(value)) for key, value in values.items()})
+
+
+def model_config_from_checkpoint() -> ml_collections.ConfigDict:
+  """A model group read from the checkpoint the job loads (docs/architecture.md): a
+  key set on the command line must agree with it, an unset one is filled from it."""
+  return _unset_like(MODEL_DEFAULTS)
+
+
+def fusion_config_from_checkpoint() -> ml_collections.ConfigDict:
+  """A fusion group read from the checkpoint's head when it has one, else the reference's."""
+  return _unset_like(fusion_config())
 
 
 def diffusion_config(schedule: str) -> ml_collections.ConfigDict:
@@ -202,7 +222,10 @@ def fuse_config() -> ml_collections.ConfigDict:
           output_format="png",
           batch_size=4,
           compute_dtype="float32",
-          overwrite=True,
+          # Memory a fuse may plan for; 0 = half the machine's (an accelerator's own).
+          # Larger images are fused in tiles.
+          memory_budget_gb=0.0,
+          overwrite=False,  # True: fuse again pairs whose output exists (else resume)
           phantom_count=6,  # phantom pairs per task fused when no input is given
       ))
 

@@ -6,6 +6,12 @@ it without a traceback from deep inside JAX.
 """
 
 
+# Exit statuses of the jobs and the `dmfnet-jax` command (README, "Exit status").
+EXIT_OK = 0
+EXIT_CONFIG_ERROR = 2  # a bad setting, file or checkpoint stopped the run before its work
+EXIT_ITEMS_SKIPPED = 3  # the run finished, but some items (pairs, volumes) were skipped
+
+
 class DmfnetError(Exception):
   """Base class of errors caused by input, configuration or checkpoints."""
 

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from absl import logging
 
-from dmfnet_jax import baselines, imageio, metrics, report
+from dmfnet_jax import baselines, imageio, metrics, report, runtime
 from dmfnet_jax.data import pairs as pairs_lib
 from dmfnet_jax.errors import ConfigError, DataError, ImageReadError
 
@@ -297,6 +297,12 @@ def run(config, workdir) -> Dict[str, Any]:
   tasks = list(config.data.tasks)
   split = str(config.data.split or "test")
   output_dir = pathlib.Path(eval_cfg.get("output_dir") or pathlib.Path(workdir) / "evaluation")
+  sources = pairs_lib.find_split_pairs(root, tasks, split).pairs
+  runtime.refuse_writing_inputs(
+      [p for pair in sources for p in (pair.path_a, pair.path_b)],
+      output_dirs=[output_dir, *(output_dir / "montages" / task for task in tasks)],
+      input_folders=[f for m in methods if m.folder
+                     for f in (m.folder, *(m.folder / task for task in tasks))])
   try:
     output_dir.mkdir(parents=True, exist_ok=True)
   except OSError as err:
@@ -320,4 +326,5 @@ def run(config, workdir) -> Dict[str, Any]:
   print(result["markdown"])
   print(f"\n{n_total} pair-method scores in {result['seconds']:.1f} s; "
         f"{len(result['problems'])} problem(s); outputs in {output_dir}")
+  result["skipped"] = len(result["problems"])  # exit status 3 when some were skipped
   return result

@@ -1,31 +1,22 @@
 """The fuse job: fuse folders or lists of image pairs with a trained model.
 
-Pairs are grouped by size, reflect-padded to a size the networks accept, fused in
-batches by one jitted call per shape, cropped back, given back their colour
-(PET/SPECT) and written atomically. A bad pair is reported and skipped; the rest
-are fused; a summary closes the run.
+The job collects the pairs its config names and hands them to `api.Fuser`, the one
+fusion path of the project: pairs of one size are fused in batches by one jitted
+call, given back their colour (PET/SPECT) and written atomically. A bad pair is
+reported and skipped; the rest are fused; `fuse_summary.json` closes the run.
 """
 
 from __future__ import annotations
 
-import collections
 import pathlib
 import tempfile
-import time
-import zlib
-from typing import Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import logging
-from tqdm.auto import tqdm
 
-from dmfnet_jax import features, imageio, runtime
+from dmfnet_jax import api, inference, runtime
 from dmfnet_jax.data import pairs as pairs_lib
 from dmfnet_jax.data import phantoms
 from dmfnet_jax.errors import ConfigError, DmfnetError
-from dmfnet_jax.inference import FusionModel, load_fusion_model
 from dmfnet_jax.runtime import is_chief
 
 
@@ -91,101 +82,34 @@ def check_writable(output_dir: pathlib.Path) -> None:
     raise DmfnetError(f"config.fuse.output_dir={output_dir}: cannot write there ({err})") from err
 
 
-def pair_key(root_key: jax.Array, pair: pairs_lib.ImagePair) -> jax.Array:
-  """A key that depends only on the seed and the pair's name."""
-  return jax.random.fold_in(root_key, zlib.crc32(f"{pair.task}/{pair.pair_id}".encode()) & 0x7FFFFFFF)
-
-
-# ----------------------------------------------------------------------------- job
-
-
-def fuse_pairs(model: FusionModel, pairs: Sequence[pairs_lib.ImagePair], output_dir: pathlib.Path,
-               *, seed: int, batch_size: int, fmt: str = "png",
-               show_progress: bool = True) -> dict:
-  """Fuses and writes every pair it can; returns a summary with the skipped ones."""
-  levels = len(model.config.model.channel_mults)
-  root_key = jax.random.PRNGKey(seed)
-  skipped: list[dict] = []
-  written: list[str] = []
-  loaded: dict[tuple, list] = collections.defaultdict(list)
-  start = time.perf_counter()
-  progress = _progress(len(pairs), show_progress)
-
-  def flush(shape):
-    group = loaded.pop(shape, [])
-    if not group:
-      return
-    a = np.stack([g[1] for g in group])[..., None]
-    b = np.stack([g[2] for g in group])[..., None]
-    a_pad, crop = features.pad_to_valid(jnp.asarray(a), levels)
-    b_pad, _ = features.pad_to_valid(jnp.asarray(b), levels)
-    keys = jnp.stack([pair_key(root_key, g[0]) for g in group])
-    fused = np.asarray(features.crop_back(jnp.asarray(model(a_pad, b_pad, keys)), crop))
-    for (pair, _, _, b_raw), image in zip(group, fused):
-      target = output_path(pair, output_dir, fmt)
-      try:
-        out = imageio.colourise(imageio.from_model_range(image[..., 0]), b_raw)
-        imageio.write_image_atomic(target, out)
-        written.append(str(target))
-      except (DmfnetError, OSError, ValueError) as err:
-        skipped.append({"pair": _describe(pair), "reason": str(err)})
-        logging.error("Skipping %s: %s", _describe(pair), err)
-      if progress is not None:
-        progress.update(1)
-
-  for pair in pairs:
-    try:
-      item = pairs_lib.load_pair(pair)
-    except DmfnetError as err:
-      skipped.append({"pair": _describe(pair), "reason": str(err)})
-      logging.error("Skipping %s: %s", _describe(pair), err)
-      if progress is not None:
-        progress.update(1)
-      continue
-    shape = item.a.shape
-    loaded[shape].append((pair, item.a, item.b, item.b_raw))
-    if len(loaded[shape]) >= batch_size:
-      flush(shape)
-  for shape in list(loaded):
-    flush(shape)
-  if progress is not None:
-    progress.close()
-  elapsed = time.perf_counter() - start
-  return {"fused": len(written), "skipped": len(skipped), "skipped_pairs": skipped,
-          "seconds": round(elapsed, 3), "output_dir": str(output_dir), "outputs": written}
-
-
-def _describe(pair: pairs_lib.ImagePair) -> str:
-  return f"{pair.path_a} + {pair.path_b}"
-
-
-def _progress(total: int, enabled: bool):
-  if not enabled or not is_chief():
-    return None
-  return tqdm(total=total, desc="fuse", unit="pair", dynamic_ncols=True, disable=None)
-
-
-def run(config, workdir: str) -> None:
+def run(config, workdir: str) -> dict:
+  config = inference.resolve_structure(config)
   workdir_path = runtime.prepare_workdir(config, workdir)
   fuse_cfg = config.fuse
   fmt = fuse_cfg.output_format.lower().lstrip(".")
   output_dir = pathlib.Path(fuse_cfg.output_dir or workdir_path / "fused")
-  check_writable(output_dir)
-  model = load_fusion_model(config)
   pairs, problems, source = collect_pairs(config, workdir_path)
+  outputs = [output_path(pair, output_dir, fmt) for pair in pairs]
+  runtime.refuse_writing_inputs([p for pair in pairs for p in (pair.path_a, pair.path_b)],
+                                outputs, {output_dir, *(o.parent for o in outputs)})
+  check_writable(output_dir)
+  fuser = api.Fuser.from_config(config)
   for problem in problems:
     logging.error("Skipping: %s", problem)
   logging.info("Fusing %d pairs from %s into %s", len(pairs), source, output_dir)
-  summary = fuse_pairs(model, pairs, output_dir, seed=config.seed,
-                       batch_size=int(fuse_cfg.batch_size), fmt=fmt)
+  summary = fuser.fuse_pairs(pairs, lambda pair: output_path(pair, output_dir, fmt),
+                             output_root=output_dir, overwrite=bool(fuse_cfg.overwrite))
+  summary["output_dir"] = str(output_dir)
   summary["skipped"] += len(problems)
   summary["skipped_pairs"] += [{"pair": p, "reason": "unpaired"} for p in problems]
   summary["input"] = source
   if is_chief():
     runtime.write_json_atomic(workdir_path / "fuse_summary.json", summary)
-  message = (f"Fused {summary['fused']} pairs, skipped {summary['skipped']}, in "
+  done = f", {summary['already_done']} done before" if summary["already_done"] else ""
+  message = (f"Fused {summary['fused']} pairs, skipped {summary['skipped']}{done}, in "
              f"{summary['seconds']:.1f} s; outputs in {output_dir}")
   logging.info(message)
   print(message)
   for item in summary["skipped_pairs"]:
     print(f"  skipped {item['pair']}: {item['reason']}")
+  return summary

@@ -38,7 +38,8 @@ def is_image_file(path: PathLike) -> bool:
 
 
 def read_image(path: PathLike) -> np.ndarray:
-  """Reads an image as uint8 or uint16, HxW (grayscale) or HxWx3 (RGB).
+  """Reads an image as uint8, uint16 or (floating-point TIFF) float32; HxW (grayscale)
+  or HxWx3 (RGB).
 
   Alpha is dropped and palette images are expanded. Anything that is not a
   readable 2-D image raises `ImageReadError` naming the file.
@@ -52,15 +53,15 @@ def read_image(path: PathLike) -> np.ndarray:
       mode = im.mode
       if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         array = np.asarray(im, dtype=np.uint16)
-      elif mode in ("I", "F"):
+      elif mode == "F":  # 32-bit float (research pipelines' TIFFs): see to_unit_range
+        array = np.asarray(im, dtype=np.float32)
+      elif mode == "I":
         array = np.asarray(im)
         if array.min() < 0 or array.max() > 65535:
           raise ImageReadError(
               f"{path}: pixel values {array.min()}..{array.max()} do not fit 16 bits"
           )
-        array = array.astype(np.uint16) if mode == "I" else array
-        if mode == "F":
-          raise ImageReadError(f"{path}: floating-point images are not supported")
+        array = array.astype(np.uint16)
       elif mode in ("L", "1"):
         array = np.asarray(im.convert("L"), dtype=np.uint8)
       elif mode in ("LA",):
@@ -129,20 +130,59 @@ def uint16_to_uint8(image: np.ndarray) -> np.ndarray:
   return (image.astype(np.float32) / 65535.0 * 255.0).round().astype(np.uint8)
 
 
-def to_unit_gray(image: np.ndarray) -> np.ndarray:
-  """Any image from `read_image` -> float32 HxW in [0, 1] (RGB reduced to luma)."""
-  if image.ndim == 3:
-    image = opencv_luma_uint8(uint16_to_uint8(image))
+def to_unit_range(image: np.ndarray, what: str = "image") -> np.ndarray:
+  """Pixels -> float32 in [0, 1], the same shape; the one intensity mapping of inputs.
+
+  uint8 is divided by 255 and uint16 by 65535. Other integers are read as 8-bit when
+  they lie in 0..255, as 16-bit in 0..65535, else mapped from their minimum and maximum.
+  Floats are taken as they are when they lie in [0, 1], else mapped linearly from their
+  own minimum and maximum to [0, 1] (a constant image becomes 0). NaN or infinite pixels
+  raise `ImageReadError` naming `what`."""
+  image = np.asarray(image)
   if image.dtype == np.uint8:
     return image.astype(np.float32) / 255.0
   if image.dtype == np.uint16:
     return image.astype(np.float32) / 65535.0
-  raise ValueError(f"unsupported image dtype {image.dtype}")
+  if image.dtype.kind in "iu":
+    low, high = int(image.min()), int(image.max())
+    if low >= 0 and high <= 255:
+      return image.astype(np.float32) / 255.0
+    if low >= 0 and high <= 65535:
+      return image.astype(np.float32) / 65535.0
+  elif image.dtype.kind == "f":
+    finite = np.isfinite(image)
+    if not finite.all():
+      raise ImageReadError(f"{what}: {image.size - int(finite.sum())} of {image.size} pixels "
+                           "are NaN or infinite")
+    low, high = float(image.min()), float(image.max())
+    if low >= 0.0 and high <= 1.0:
+      return image.astype(np.float32)
+  else:
+    raise ImageReadError(f"{what}: pixels of type {image.dtype} are not supported")
+  span = high - low
+  if span <= 0:
+    return np.zeros(image.shape, np.float32)
+  return ((image.astype(np.float64) - low) / span).astype(np.float32)
 
 
-def to_model_range(image: np.ndarray) -> np.ndarray:
+def to_uint8(image: np.ndarray, what: str = "image") -> np.ndarray:
+  """Pixels of any supported type as uint8 (16-bit scaled, others by `to_unit_range`)."""
+  image = np.asarray(image)
+  if image.dtype in (np.uint8, np.uint16):
+    return uint16_to_uint8(image)
+  return np.clip(np.round(to_unit_range(image, what) * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_unit_gray(image: np.ndarray, what: str = "image") -> np.ndarray:
+  """Any image from `read_image` -> float32 HxW in [0, 1] (RGB reduced to luma)."""
+  if image.ndim == 3:
+    return opencv_luma_uint8(to_uint8(image, what)).astype(np.float32) / 255.0
+  return to_unit_range(image, what)
+
+
+def to_model_range(image: np.ndarray, what: str = "image") -> np.ndarray:
   """Any image from `read_image` -> float32 HxW in [-1, 1], the networks' range."""
-  return to_unit_gray(image) * 2.0 - 1.0
+  return to_unit_gray(image, what) * 2.0 - 1.0
 
 
 def from_model_range(x: np.ndarray) -> np.ndarray:
@@ -159,7 +199,7 @@ def colourise(fused_luma: np.ndarray, colour_source: Optional[np.ndarray]) -> np
   fused_luma = np.asarray(fused_luma)
   if colour_source is None or colour_source.ndim == 2:
     return fused_luma
-  colour_source = uint16_to_uint8(colour_source)
+  colour_source = to_uint8(colour_source, "colour source")
   if colour_source.shape[:2] != fused_luma.shape[:2]:
     raise ValueError(
         f"fused image {fused_luma.shape[:2]} and colour source {colour_source.shape[:2]} differ in size"

@@ -10,14 +10,15 @@ job, the demo, the tools, training previews and the Stage II train step share.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmfnet_jax import checkpoints, diffusion, features, models
+from dmfnet_jax import checkpoints, config_defaults, diffusion, features, models, validation
 from dmfnet_jax.errors import CheckpointError, ConfigError
 from dmfnet_jax.models import fusion_head as head_lib
 from dmfnet_jax.models import unet as unet_lib
@@ -39,6 +40,96 @@ def make_fuse_fn(unet, head, sqrt_acp_prev, fusion_cfg):
                                 timesteps, feat_scales)
 
   return fuse
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def recorded_structure(path: str | os.PathLike, *, norm_groups: int | None = None) -> dict:
+  """{"model": ..., "fusion": ...} as a checkpoint records them (our Orbax checkpoints),
+  or as the weights show them (a reference Stage I `.pth`: the UNet only)."""
+  if str(path).endswith((".pth", ".pt")):
+    from dmfnet_jax.models import torch_convert  # pylint: disable=g-import-not-at-top
+    state_dict = torch_convert.load_torch_state_dict(path)
+    return {"model": torch_convert.unet_structure_from_torch(
+        state_dict, norm_groups=norm_groups or config_defaults.MODEL_DEFAULTS["norm_groups"],
+        source=str(path))}
+  store, step = checkpoints.open_for_reading(path)
+  meta = store.read_meta(step)
+  if "model" not in meta:
+    raise CheckpointError(f"{store.directory / str(step)}: records no model structure")
+  return {group: meta[group] for group in checkpoints.STRUCTURE_GROUPS if group in meta}
+
+
+def _resume_step(workdir) -> str | None:
+  """The newest step of a training workdir whose metadata reads (the run resumes from a
+  step of it; a damaged newer one is set aside by the run), or None."""
+  if workdir is None:
+    return None
+  folder = checkpoints.checkpoint_dir(workdir)
+  if not folder.is_dir():
+    return None
+  for step in sorted((int(p.name) for p in folder.iterdir() if p.name.isdigit()), reverse=True):
+    meta = folder / str(step) / "meta" / "metadata"
+    try:
+      json.loads(meta.read_text())
+    except (OSError, ValueError):
+      continue
+    return str(folder / str(step))
+  return None
+
+
+def _structure_sources(config, workdir=None) -> list[tuple[str, tuple[str, ...]]]:
+  """Which checkpoint describes which group: (path, groups), in order of authority
+  (a training workdir's own checkpoint first: the run resumes from it)."""
+  job = config.get("job")
+  resume = _resume_step(workdir) if job in ("stage1", "stage2") else None
+  if resume:
+    return [(resume, ("model", "fusion"))]
+  if job == "fuse":
+    return [(config.checkpoint, ("model", "fusion"))] if config.get("checkpoint") else []
+  if job == "stage2":
+    sources = []
+    if config.get("stage1_checkpoint"):  # the UNet that is used
+      sources.append((config.stage1_checkpoint, ("model",)))
+    if config.get("init_checkpoint"):
+      sources.append((config.init_checkpoint,
+                      ("fusion",) if sources else ("model", "fusion")))
+    return sources
+  return []
+
+
+def resolve_structure(config, workdir=None):
+  """Fills the model and fusion keys a config leaves unset (None) from the checkpoint
+  the job loads, so no preset or model flag is needed; a key that is set must agree
+  with the checkpoint. Then validates the whole config. Idempotent. A job with no
+  checkpoint configured keeps its unset keys and names the checkpoint it needs."""
+  for path, groups in _structure_sources(config, workdir):
+    norm_groups = config.model.get("norm_groups") if "model" in config else None
+    recorded = recorded_structure(path, norm_groups=norm_groups)
+    present = [g for g in groups if g in recorded and g in config]
+    filled = {}
+    for group in present:
+      filled[group] = {key: (tuple(recorded[group][key]) if isinstance(recorded[group].get(key), list)
+                             else recorded[group].get(key)) if value is None else value
+                       for key, value in config[group].items()}
+    checkpoints.check_model_matches(
+        recorded, filled, path,
+        hint="A model setting given in the config contradicts the checkpoint; leave it out "
+             "(the checkpoint says what the model is).")
+    for group in present:
+      config[group].update(filled[group])
+  if "fusion" in config and not validation.is_resolved(config.fusion):
+    for key, value in config_defaults.fusion_config().items():
+      if config.fusion[key] is None:
+        config.fusion[key] = value
+  if "model" in config and not validation.is_resolved(config.model):
+    if not _structure_sources(config, workdir):
+      return config  # nothing to read it from: the job says which checkpoint it needs
+    unset = [k for k, v in config.model.items() if v is None]
+    raise ConfigError(f"config.model.{unset[0]}: the checkpoint does not record it; set it")
+  validation.validate(config)
+  return config
 
 
 # ----------------------------------------------------------------------------- loading
@@ -101,41 +192,16 @@ def load_two_stage_params(path: str | os.PathLike, config):
   return unet_params, head_params
 
 
-# ----------------------------------------------------------------------------- running
-
-
-@dataclasses.dataclass
-class FusionModel:
-  """Both stages' parameters and a jitted fuse function (compiled once per shape)."""
-  config: Any
-  unet_params: Any
-  head_params: Any
-
-  def __post_init__(self):
-    dtype = models.compute_dtype(self.config.fuse.get("compute_dtype", "float32"),
-                                 "fuse.compute_dtype")
-    unet = unet_lib.unet_from_config(self.config.model, dtype=dtype)
-    head = head_lib.fusion_head_from_config(self.config.model, self.config.fusion, dtype=dtype)
-    fuse_one = make_fuse_fn(unet, head, feature_schedule(self.config), self.config.fusion)
-
-    def fuse_batch(unet_params, head_params, a, b, keys):
-      # One key per image: the result of a pair does not depend on its batch mates.
-      per_image = lambda a1, b1, k: fuse_one(unet_params, head_params, a1[None], b1[None], k)[0]
-      return jax.vmap(per_image)(a, b, keys)
-
-    self._fuse = jax.jit(fuse_batch)
-
-  def __call__(self, a: np.ndarray, b: np.ndarray, keys: jax.Array) -> np.ndarray:
-    return np.asarray(self._fuse(self.unet_params, self.head_params, a, b, keys))
-
-
-def load_fusion_model(config) -> FusionModel:
-  """Both stages from `config.checkpoint` (a Stage II workdir or an imported model)."""
+def load_fusion_model(config):
+  """An `engine.FusionModel` with both stages from `config.checkpoint` (a Stage II
+  workdir, an exported model or an imported one); `config` is the fuse job's."""
+  from dmfnet_jax import engine  # pylint: disable=g-import-not-at-top
   path = config.get("checkpoint", "")
   if not path:
     raise ConfigError(
         "config.checkpoint is empty: point it at a Stage II workdir "
         "(python -m dmfnet_jax.main --config=configs/stage2.py --workdir=DIR) or at the output of "
         "python -m dmfnet_jax.tools.import_torch")
+  config = resolve_structure(config)
   unet_params, head_params = load_two_stage_params(path, config)
-  return FusionModel(config=config, unet_params=unet_params, head_params=head_params)
+  return engine.FusionModel(config=config, unet_params=unet_params, head_params=head_params)

@@ -23,14 +23,6 @@ JOBS = {
 }
 
 
-def _enable_compilation_cache() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  cache = os.environ.get("DMFNET_JAX_CACHE", os.path.expanduser("~/.cache/dmfnet_jax/xla"))
-  if cache:
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 class _QuietLibraries:
   """Drops INFO chatter of checkpointing internals; warnings still show."""
 
@@ -44,22 +36,23 @@ def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
-def run_job(config, workdir: str) -> None:
-  """Checks `config` and runs the job it names (the demo runs its parts this way)."""
+def run_job(config, workdir: str):
+  """Checks `config` and runs the job it names (the demo runs its parts this way);
+  returns what the job returns (fuse and evaluate: a summary)."""
   from dmfnet_jax import validation  # pylint: disable=g-import-not-at-top
   from dmfnet_jax.errors import DmfnetError  # pylint: disable=g-import-not-at-top
   job = config.get("job")
   if job not in JOBS:
     raise DmfnetError(f"config.job={job!r}: unknown job; valid: {sorted(JOBS)}")
   validation.validate(config)
-  importlib.import_module(JOBS[job]).run(config, workdir)
+  return importlib.import_module(JOBS[job]).run(config, workdir)
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from dmfnet_jax import distributed, runtime, validation  # pylint: disable=g-import-not-at-top
-  from dmfnet_jax.errors import DmfnetError  # pylint: disable=g-import-not-at-top
+  from dmfnet_jax.errors import EXIT_CONFIG_ERROR, EXIT_ITEMS_SKIPPED, DmfnetError  # pylint: disable=g-import-not-at-top
 
   quiet_library_logs()
   config = _CONFIG.value
@@ -71,15 +64,17 @@ def main(argv) -> None:
       raise DmfnetError(f"config.job={job!r}: unknown job; valid: {sorted(JOBS)}")
     validation.validate(config)
     distributed.maybe_initialize(config.get("distributed"))
-    _enable_compilation_cache()
+    runtime.enable_compilation_cache()
     runtime.log_devices()
     workdir = _WORKDIR.value or os.path.join("runs", job)
     logging.info("Job %s, workdir %s", job, workdir)
-    run_job(config, workdir)
+    result = run_job(config, workdir)
   except DmfnetError as err:
     logging.error("%s", err)
     print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_CONFIG_ERROR)
+  if isinstance(result, dict) and result.get("skipped"):
+    sys.exit(EXIT_ITEMS_SKIPPED)
 
 
 def parse_flags(argv):

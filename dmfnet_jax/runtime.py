@@ -16,9 +16,9 @@ import os
 import pathlib
 import tempfile
 import threading
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
-from dmfnet_jax.errors import DmfnetError
+from dmfnet_jax.errors import DataError, DmfnetError
 
 PathLike = Union[str, os.PathLike]
 
@@ -94,6 +94,51 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> pathlib.Path:
   return path
 
 
+def _real(path: PathLike) -> str:
+  return os.path.realpath(os.path.expanduser(os.fspath(path)))
+
+
+def refuse_writing_inputs(input_files: Iterable[PathLike], output_files: Iterable[PathLike] = (),
+                          output_dirs: Iterable[PathLike] = (),
+                          input_folders: Iterable[PathLike] = ()) -> None:
+  """Refuses, before any work, outputs that would touch an input: an output file that is
+  an input file (also through a link) or an output folder that holds input files (or is
+  one of `input_folders`). Raises DataError naming both paths."""
+  inputs = {}
+  for path in input_files:
+    inputs.setdefault(_real(path), os.fspath(path))
+  input_dirs = {os.path.dirname(real): given for real, given in inputs.items()}
+  input_dirs.update({_real(folder): os.fspath(folder) for folder in input_folders})
+  for path in output_files:
+    if is_remote(path):
+      continue
+    real = _real(path)
+    if real in inputs:
+      raise DataError(f"output {path} is the input {inputs[real]}: refusing to write over an "
+                      "input; choose another output file or folder")
+  for path in output_dirs:
+    if is_remote(path):
+      continue
+    real = _real(path)
+    if real in input_dirs:
+      raise DataError(f"output folder {path} holds the input {input_dirs[real]}: refusing to "
+                      "write into an input folder; choose another output folder")
+
+
+def remove_stale_temporaries(folder: PathLike) -> int:
+  """Deletes what a killed atomic write leaves (`.<name>.<random>.tmp`) in `folder`."""
+  folder = pathlib.Path(folder)
+  removed = 0
+  if folder.is_dir():
+    for path in folder.glob(".*.tmp"):
+      try:
+        path.unlink()
+        removed += 1
+      except OSError:
+        pass
+  return removed
+
+
 def write_text_atomic(path: PathLike, text: str) -> pathlib.Path:
   return write_bytes_atomic(path, text.encode("utf-8"))
 
@@ -141,3 +186,13 @@ def log_devices() -> None:
   logging.info("JAX %s, process %d of %d, %d local / %d global devices: %s",
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices())
+
+
+def enable_compilation_cache() -> None:
+  """A persistent XLA compilation cache (DMFNET_JAX_CACHE, default ~/.cache/dmfnet_jax/xla):
+  a command compiles each shape once per machine, not once per run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  cache = os.environ.get("DMFNET_JAX_CACHE", os.path.expanduser("~/.cache/dmfnet_jax/xla"))
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

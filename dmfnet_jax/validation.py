@@ -27,6 +27,20 @@ def min_multiple(model_cfg) -> int:
   return 2 ** (levels(model_cfg) - 1)
 
 
+def attention_levels(channel_mults, attn_res, image_size) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(down-path levels, up-path levels) whose resnet blocks attend (docs/model.md §1).
+
+  The reference compares `attn_res` with `image_size` halved per level on the way down
+  (integer halving) and doubled back on the way up, not with the actual feature size;
+  `image_size` is therefore a structural setting, not the input size."""
+  num_levels = len(channel_mults)
+  down = [int(image_size) // 2**level for level in range(num_levels)]
+  up = [down[-1] * 2**(num_levels - 1 - level) for level in range(num_levels)]
+  attend = {int(r) for r in attn_res}
+  return (tuple(level for level in range(num_levels) if down[level] in attend),
+          tuple(level for level in range(num_levels) if up[level] in attend))
+
+
 def valid_fusion_side(size: int, num_levels: int) -> int:
   """Smallest side >= size that the UNet and the head accept: a multiple of
   2^(levels-1) giving the coarsest level at least MIN_COARSEST_SIDE pixels."""
@@ -158,10 +172,19 @@ def validate_fuse(cfg) -> None:
   validate_compute_dtype(cfg.get("compute_dtype", "float32"), "fuse.compute_dtype")
 
 
+def is_resolved(group) -> bool:
+  """False while a group still has keys to be read from a checkpoint (None values)."""
+  return all(value is not None for value in group.values())
+
+
 def validate(config) -> None:
-  """Checks the groups a config has, according to its job."""
+  """Checks the groups a config has, according to its job.
+
+  Model and fusion groups that are still to be read from a checkpoint are checked
+  once they are filled (`inference.resolve_structure` calls this again)."""
   job = config.get("job")
-  if "model" in config:
+  model_known = "model" in config and is_resolved(config.model)
+  if model_known:
     validate_model(config.model)
   if "diffusion" in config:
     validate_diffusion(config.diffusion)
@@ -169,9 +192,10 @@ def validate(config) -> None:
     validate_data(config.data)
   if job in ("stage1", "stage2") and "train" in config:
     validate_train(config.train, stage=job)
-    check_input_size(config.model, config.data.crop_size, config.data.crop_size,
-                     "config.data.crop_size", fusion=job == "stage2")
-  if "fusion" in config and "model" in config:
+    if model_known:
+      check_input_size(config.model, config.data.crop_size, config.data.crop_size,
+                       "config.data.crop_size", fusion=job == "stage2")
+  if "fusion" in config and model_known and is_resolved(config.fusion):
     validate_fusion(config.fusion, config.model)
   if "loss" in config:
     validate_loss(config.loss)

@@ -75,9 +75,11 @@ def load_config(name: str, preset=None):
 def micro_config(name: str, **train_overrides):
   """A config file's `tiny` preset shrunk to the micro model and 32x32 crops."""
   config = load_config(name, "tiny")
-  config.model.update(MICRO_MODEL)
+  # Every model key explicit (Stage II and fuse configs read unset ones from checkpoints).
+  from dmfnet_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  config.model.update(dict(config_defaults.TINY_MODEL, **MICRO_MODEL))
   if "fusion" in config:
-    config.fusion.feat_scales = list(MICRO_FEAT_SCALES)
+    config.fusion.update(dict(config_defaults.fusion_config(), feat_scales=MICRO_FEAT_SCALES))
   if "data" in config:
     config.data.update(crop_size=32, phantom_count=4, phantom_size=48)
   if "train" in config:

@@ -130,6 +130,154 @@ def test_ambiguous_stem(tmp_path):
     pairs_lib.find_dataset_pairs(tmp_path, ["MRI-CT"], "train")
 
 
+# ----- other dataset layouts ----------------------------------------------------------
+
+
+def _make_folders(folder, modalities=("MRI", "PET"), ids=("001", "002")):
+  """Writes `folder/<modality>/<id>.png` for each modality folder name given."""
+  for i, pair_id in enumerate(ids):
+    for j, modality in enumerate(modalities):
+      _save(folder / modality / f"{pair_id}.png", _gray(i + 100 * j))
+  return folder
+
+
+def _found(found):
+  return [(p.task, p.pair_id, p.modality_b) for p in found]
+
+
+@pytest.mark.parametrize("task_folder", ["MRI-PET", "MRI_PET", "mri_pet", "Mri-Pet"])
+def test_task_folder_spellings_with_split(tmp_path, task_folder):
+  _make_folders(tmp_path / task_folder / "test")
+  found = pairs_lib.find_dataset_pairs(tmp_path, ["MRI-PET"], "test")
+  assert _found(found) == [("MRI-PET", "001", "PET"), ("MRI-PET", "002", "PET")]
+  assert found[0].path_b == tmp_path / task_folder / "test" / "PET" / "001.png"
+
+
+@pytest.mark.parametrize("task_folder", ["MRI-PET", "MRI_PET"])
+def test_task_folder_without_split(tmp_path, task_folder):
+  # CDDFuse's test_img/MRI_PET/{MRI,PET}: every split reads the same images.
+  _make_folders(tmp_path / task_folder)
+  for split in ("test", "train"):
+    found = pairs_lib.find_dataset_pairs(tmp_path, ["MRI-PET"], split)
+    assert _found(found) == [("MRI-PET", "001", "PET"), ("MRI-PET", "002", "PET")]
+    assert found[0].path_a == tmp_path / task_folder / "MRI" / "001.png"
+
+
+def test_split_folder_wins_over_modality_folders_beside_it(tmp_path):
+  _make_folders(tmp_path / "MRI_CT", ("MRI", "CT"), ids=("flat",))
+  _make_folders(tmp_path / "MRI_CT" / "test", ("MRI", "CT"), ids=("nested",))
+  found = pairs_lib.find_dataset_pairs(tmp_path, ["MRI-CT"], "test")
+  assert [p.pair_id for p in found] == ["nested"]
+  found = pairs_lib.find_dataset_pairs(tmp_path, ["MRI-CT"], "train")
+  assert [p.pair_id for p in found] == ["flat"]
+
+
+def test_modality_folder_case_variants(tmp_path):
+  _make_folders(tmp_path / "MRI_PET", ("mri", "Pet"))
+  _make_folders(tmp_path / "mri-spect" / "test", ("Mri", "spect"), ids=("s",))
+  found = pairs_lib.find_dataset_pairs(tmp_path, pairs_lib.TASKS, "test")
+  assert _found(found) == [
+      ("MRI-PET", "001", "PET"), ("MRI-PET", "002", "PET"), ("MRI-SPECT", "s", "SPECT")]
+  assert found[0].path_b == tmp_path / "MRI_PET" / "Pet" / "001.png"
+
+
+def test_cddfuse_test_img_root(tmp_path):
+  for task, modality in (("MRI_CT", "CT"), ("MRI_PET", "PET"), ("MRI_SPECT", "SPECT")):
+    _make_folders(tmp_path / task, ("MRI", modality), ids=(f"{modality.lower()}1",))
+  _make_folders(tmp_path / "MSRS", ("ir", "vi"))  # an infrared-visible set beside them
+  scan = pairs_lib.find_split_pairs(tmp_path, list(pairs_lib.TASKS), "test")
+  assert _found(scan.pairs) == [
+      ("MRI-CT", "ct1", "CT"), ("MRI-PET", "pet1", "PET"), ("MRI-SPECT", "spect1", "SPECT")]
+  assert scan.problems == []
+
+
+def test_root_is_one_task_folder(tmp_path):
+  _make_folders(tmp_path, ("MRI", "PET", "ct"), ids=("b", "a"))
+  found = pairs_lib.find_dataset_pairs(tmp_path, pairs_lib.TASKS, "test")
+  assert _found(found) == [("MRI-CT", "a", "CT"), ("MRI-CT", "b", "CT"),
+                           ("MRI-PET", "a", "PET"), ("MRI-PET", "b", "PET")]
+  assert found[0].path_b == tmp_path / "ct" / "a.png"
+  found = pairs_lib.find_dataset_pairs(tmp_path, ["MRI-PET"], "train")
+  assert _found(found) == [("MRI-PET", "a", "PET"), ("MRI-PET", "b", "PET")]
+  with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'SPECT'}: modality folder missing")):
+    pairs_lib.find_dataset_pairs(tmp_path, ["MRI-SPECT"], "test")
+
+
+def test_root_is_one_task_folder_needs_both_modalities(tmp_path):
+  _make_folders(tmp_path, ("PET",))
+  with pytest.raises(DataError, match="MRI: modality folder missing"):
+    pairs_lib.find_dataset_pairs(tmp_path, pairs_lib.TASKS, "test")
+  (tmp_path / "PET").rename(tmp_path / "MRI")
+  with pytest.raises(DataError, match="MRI folder but no partner folder"):
+    pairs_lib.find_dataset_pairs(tmp_path, pairs_lib.TASKS, "test")
+
+
+def test_default_tasks_skip_absent_ones_but_named_tasks_must_exist(tmp_path):
+  _make_layout(tmp_path, "MRI-PET", split="test", ids=("1",))
+  found = pairs_lib.find_dataset_pairs(tmp_path, list(pairs_lib.TASKS), "test")
+  assert _found(found) == [("MRI-PET", "1", "PET")]
+  with pytest.raises(DataError, match="MRI-CT: task folder missing"):
+    pairs_lib.find_dataset_pairs(tmp_path, ["MRI-CT", "MRI-PET"], "test")
+  with pytest.raises(DataError, match="MRI-SPECT: task folder missing"):
+    pairs_lib.find_split_pairs(tmp_path, ["MRI-SPECT"], "test")
+  # A present task folder is checked even when all tasks are requested.
+  (tmp_path / "MRI_CT" / "train").mkdir(parents=True)
+  with pytest.raises(DataError, match="split folder 'test' missing"):
+    pairs_lib.find_dataset_pairs(tmp_path, list(pairs_lib.TASKS), "test")
+
+
+def test_side_by_side_split_looks_up_only_the_tasks_found(tmp_path):
+  _make_folders(tmp_path / "MRI_CT", ("MRI", "CT"), ids=("a", "b"))
+  (tmp_path / "splits.json").write_text(json.dumps(
+      {"MRI-CT": {"dmfnet_side_by_side": ["b.png"]}}))
+  scan = pairs_lib.find_split_pairs(tmp_path, list(pairs_lib.TASKS), "dmfnet_side_by_side")
+  assert _found(scan.pairs) == [("MRI-CT", "b", "CT")] and scan.problems == []
+
+
+def test_no_known_layout_lists_the_accepted_ones(tmp_path):
+  _make_folders(tmp_path / "MSRS", ("ir", "vi"))
+  (tmp_path / "notes.txt").write_text("x")
+  for tasks in (pairs_lib.TASKS, ["MRI-PET"]):
+    with pytest.raises(DataError) as info:
+      pairs_lib.find_dataset_pairs(tmp_path, list(tasks), "test")
+    message = str(info.value)
+    assert "no known data layout" in message and "MSRS, notes.txt" in message
+    for pattern, example in (
+        ("ROOT/<task>/<split>/<modality>/<id>.<ext>", "ROOT/MRI-PET/test/PET/001.png"),
+        ("ROOT/<task>/<modality>/<id>.<ext>", "ROOT/MRI_PET/PET/001.png"),
+        ("ROOT/<modality>/<id>.<ext>", "ROOT/MRI/001.png + ROOT/PET/001.png")):
+      assert pattern in message and example in message
+
+
+def test_empty_root_lists_the_accepted_layouts(tmp_path):
+  with pytest.raises(DataError, match=r"empty; accepted layouts(.|\n)*ROOT/<modality>/"):
+    pairs_lib.find_dataset_pairs(tmp_path, pairs_lib.TASKS, "test")
+
+
+def test_root_mixing_task_and_modality_folders(tmp_path):
+  _make_layout(tmp_path, "MRI-CT")
+  _make_folders(tmp_path, ("MRI", "PET"))
+  with pytest.raises(DataError, match="both task folders \\(MRI-CT\\) and modality folders"):
+    pairs_lib.find_dataset_pairs(tmp_path, pairs_lib.TASKS, "train")
+
+
+def test_two_spellings_of_one_task_folder(tmp_path):
+  for name in ("MRI-PET", "MRI_PET"):
+    _make_folders(tmp_path / name)
+  with pytest.raises(DataError, match="two folders for MRI-PET; keep one"):
+    pairs_lib.find_dataset_pairs(tmp_path, ["MRI-PET"], "test")
+
+
+def test_two_spellings_of_one_modality_folder(tmp_path):
+  _make_folders(tmp_path / "MRI_PET", ("MRI", "PET"))
+  try:
+    (tmp_path / "MRI_PET" / "pet").mkdir()
+  except FileExistsError:
+    pytest.skip("case-insensitive file system")
+  with pytest.raises(DataError, match="two folders for PET; keep one"):
+    pairs_lib.find_dataset_pairs(tmp_path, ["MRI-PET"], "test")
+
+
 # ----- plain folders and explicit lists -------------------------------------------------
 
 

@@ -95,7 +95,7 @@ def test_load_reports_missing_and_corrupt_files(tmp_path):
     torch_convert.load_torch_state_dict(tmp_path / "absent.pth")
   corrupt = tmp_path / "corrupt.pth"
   corrupt.write_bytes(b"not a checkpoint")
-  with pytest.raises(CheckpointError, match="Cannot read"):
+  with pytest.raises(CheckpointError, match="corrupt.pth: cannot read it"):
     torch_convert.load_torch_state_dict(corrupt)
 
 

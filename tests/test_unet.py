@@ -18,13 +18,14 @@ FEAT_SCALES = [2, 5, 8, 11, 14]
 
 
 def test_parameter_count_at_reference_defaults():
-  # 21,984,641 (SPEC.md) holds with the reference's image_size 256, where the
-  # attention quirk fires at the lowest level (256 halves to 16 at level 4). With
-  # image_size 160 no level matches attn_res and only the middle block attends.
-  assert models.param_count(unet_lib.abstract_params(None)) == 21_984_641
-  assert models.param_count(unet_lib.abstract_params(dict(image_size=160))) == 20_670_081
+  # The released model (image_size 160 in training, 640 in testing): no level matches
+  # attn_res, only the middle block attends. image_size 256 makes the attention quirk
+  # fire at the lowest level too (256 halves to 16 at level 4).
+  assert models.param_count(unet_lib.abstract_params(None)) == 20_670_081
   cfg = config_defaults.model_config("reference")
-  assert models.param_count(unet_lib.abstract_params(cfg)) == 21_984_641
+  assert models.param_count(unet_lib.abstract_params(cfg)) == 20_670_081
+  assert models.param_count(unet_lib.abstract_params(dict(image_size=640))) == 20_670_081
+  assert models.param_count(unet_lib.abstract_params(dict(image_size=256))) == 21_984_641
   assert models.param_count(unet_lib.abstract_params(TINY)) == 1_320_833
 
 
@@ -43,7 +44,8 @@ def test_attention_follows_image_size_quirk():
             [i for i, l in enumerate(ups) if l.with_attn])
 
   assert attention_layers(dict(image_size=160)) == ([], [])  # 160, 80, 40, 20, 10: never 16
-  assert attention_layers(None) == ([12, 13], [0, 1, 2])  # 256 halves to 16 at level 4
+  assert attention_layers(None) == ([], [])  # the released structure
+  assert attention_layers(dict(image_size=256)) == ([12, 13], [0, 1, 2])  # 16 at level 4
   assert attention_layers(TINY) == ([6, 7], [8, 9, 10])  # level 2 of 64 is 16
   params = unet_lib.abstract_params(None)
   assert "attn" in params["mid_0"] and "attn" not in params["mid_1"]

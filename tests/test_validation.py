@@ -2,7 +2,7 @@
 
 import pytest
 
-from dmfnet_jax import validation
+from dmfnet_jax import config_defaults, validation
 from dmfnet_jax.errors import ConfigError
 from conftest import load_config
 
@@ -30,6 +30,8 @@ def test_shipped_configs_validate(name, preset):
 ])
 def test_impossible_values_name_their_key(key, value, message):
   config = load_config("stage2", "tiny")
+  config.model.update(config_defaults.TINY_MODEL)  # as a Stage I checkpoint would say
+  config.fusion.update(config_defaults.fusion_config())
   group, name = key.split(".")
   config[group][name] = value
   with pytest.raises(ConfigError, match=message):
@@ -38,6 +40,7 @@ def test_impossible_values_name_their_key(key, value, message):
 
 def test_stage2_crop_too_small_for_reflect_padding():
   config = load_config("stage2", "tiny")
+  config.model.update(config_defaults.TINY_MODEL)
   config.data.crop_size = 32  # 5 levels: coarsest 2 px < 4
   with pytest.raises(ConfigError, match="reflect"):
     validation.validate(config)
@@ -53,4 +56,24 @@ def test_all_zero_loss_weights_are_refused():
   config = load_config("stage2", "tiny")
   config.loss.update(intensity_weight=0.0, gradient_weight=0.0, ssim_weight=0.0)
   with pytest.raises(ConfigError, match="at least one weight"):
+    validation.validate(config)
+
+
+def test_attention_levels_follow_the_reference_rule():
+  mults = (1, 1, 1, 1, 2)
+  assert validation.attention_levels(mults, (16,), 160) == ((), ())
+  assert validation.attention_levels(mults, (16,), 640) == ((), ())
+  assert validation.attention_levels(mults, (16,), 256) == ((4,), (4,))
+  assert validation.attention_levels(mults, (16,), 64) == ((2,), (2,))
+  # Integer halving on the way down, doubling on the way up: 100 -> 50, 25, 12, 6 but
+  # 6 -> 12, 24, 48, 96, so attn_res 25 attends on the down path only (as the reference).
+  assert validation.attention_levels(mults, (25,), 100) == ((2,), ())
+
+
+def test_model_keys_read_from_a_checkpoint_are_checked_once_known():
+  config = load_config("stage2", "tiny")
+  assert not validation.is_resolved(config.model)
+  validation.validate(config)  # the other groups are checked now, the model after resolution
+  config.train.learning_rate = 0.0
+  with pytest.raises(ConfigError, match="learning_rate"):
     validation.validate(config)

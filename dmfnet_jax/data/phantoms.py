@@ -8,7 +8,8 @@ Harvard data:
 - MRI: grayscale, T1- or T2-like contrast (chosen per index), with texture;
 - CT: grayscale, bright bone, dim soft tissue;
 - PET / SPECT: smooth functional uptake (cortex and hot spots) through a
-  colour map to 8-bit RGB, black outside the head.
+  colour map to 8-bit RGB, black outside the head (the "pet" and "spect" maps of
+  `dmfnet_jax.volumes.COLOURMAPS`, the package's one colour-map table).
 All rendering is vectorised numpy on the full grid.
 """
 
@@ -22,40 +23,14 @@ from typing import List, Sequence, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
-from dmfnet_jax import imageio
+from dmfnet_jax import imageio, volumes
 from dmfnet_jax.data import pairs as pairs_lib
 
 PathLike = Union[str, os.PathLike]
 
-# Colour maps as (position, R, G, B) anchors in [0, 1]; value 0 is black so the
-# background stays dark. PET: "hot" (black-red-yellow-white); SPECT: rainbow.
-_PET_COLOURMAP = np.array([
-    [0.00, 0.0, 0.0, 0.0],
-    [0.35, 0.8, 0.0, 0.0],
-    [0.65, 1.0, 0.6, 0.0],
-    [0.85, 1.0, 1.0, 0.3],
-    [1.00, 1.0, 1.0, 1.0],
-])
-_SPECT_COLOURMAP = np.array([
-    [0.00, 0.0, 0.0, 0.0],
-    [0.15, 0.1, 0.0, 0.5],
-    [0.35, 0.0, 0.3, 1.0],
-    [0.55, 0.0, 0.9, 0.4],
-    [0.75, 1.0, 0.9, 0.0],
-    [0.90, 1.0, 0.2, 0.0],
-    [1.00, 1.0, 1.0, 1.0],
-])
-
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
   return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def apply_colourmap(values: np.ndarray, colourmap: np.ndarray) -> np.ndarray:
-  """float HxW in [0, 1] -> uint8 HxWx3 by piecewise-linear interpolation of anchors."""
-  values = np.clip(values, 0.0, 1.0)
-  channels = [np.interp(values, colourmap[:, 0], colourmap[:, c]) for c in (1, 2, 3)]
-  return _to_uint8(np.stack(channels, axis=-1))
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
@@ -188,7 +163,7 @@ def _render_ct(anatomy: dict, rng: np.random.Generator, size: int) -> np.ndarray
 
 
 def _render_functional(
-    anatomy: dict, rng: np.random.Generator, size: int, colourmap: np.ndarray, blur: float
+    anatomy: dict, rng: np.random.Generator, size: int, colourmap: str, blur: float
 ) -> np.ndarray:
   """Uptake mostly in grey matter plus hot spots, blurred to the scanner's resolution."""
   spots = rng.integers(3, 8)
@@ -204,7 +179,7 @@ def _render_functional(
   uptake = uptake * (1.0 + 0.15 * _smooth_noise(rng, size, size / 20))
   uptake = ndimage.gaussian_filter(uptake, blur * size / 256.0)
   uptake = uptake / (uptake.max() + 1e-8)
-  return apply_colourmap(uptake * anatomy["head"], colourmap)
+  return volumes.apply_colourmap(uptake * anatomy["head"], colourmap)
 
 
 def phantom_pair(
@@ -227,9 +202,9 @@ def phantom_pair(
   if modality == "CT":
     other = _render_ct(anatomy, other_rng, size)
   elif modality == "PET":
-    other = _render_functional(anatomy, other_rng, size, _PET_COLOURMAP, blur=3.0)
+    other = _render_functional(anatomy, other_rng, size, "pet", blur=3.0)
   else:
-    other = _render_functional(anatomy, other_rng, size, _SPECT_COLOURMAP, blur=5.0)
+    other = _render_functional(anatomy, other_rng, size, "spect", blur=5.0)
   return mri, other
 
 
@@ -266,3 +241,25 @@ def write_phantom_dataset(
       path_b = imageio.write_image_atomic(folder / modality / f"{pair_id}.png", other)
       written.append(pairs_lib.ImagePair(pair_id, task, path_a, path_b, modality))
   return written
+
+
+def write_phantom_volumes(folder: PathLike, task: str = "MRI-PET", size: int = 64,
+                          slices: int = 8, seed: int = 0) -> Tuple[pathlib.Path, pathlib.Path]:
+  """A small co-registered phantom volume pair as NIfTI: `folder/mri.nii.gz` and
+  `folder/<modality>.nii.gz` (scalar: PET/SPECT as their uptake's luma), 1 x 1 x 3 mm
+  voxels, for the demo and tests of the volume path."""
+  from dmfnet_jax import volumes  # pylint: disable=g-import-not-at-top
+  modality = pairs_lib.modality_of(task)
+  pairs = [phantom_pair(i, size, task, seed) for i in range(slices)]
+  grey = lambda image: image if image.ndim == 2 else imageio.opencv_luma_uint8(image)
+  # Slices are stored as shown (anterior at the top), voxel arrays as x, y, z.
+  mri = np.stack([np.rot90(a, -1) for a, _ in pairs], axis=-1).astype(np.float32)
+  other = np.stack([np.rot90(grey(b), -1) for _, b in pairs], axis=-1).astype(np.float32)
+  affine = np.diag([1.0, 1.0, 3.0, 1.0])
+  grid = volumes.Volume(mri, affine, volumes.new_header(mri.shape, affine),
+                        pathlib.Path(folder) / "mri.nii.gz")
+  folder = pathlib.Path(folder)
+  paths = (folder / "mri.nii.gz", folder / f"{modality.lower()}.nii.gz")
+  for path, data in zip(paths, (mri, other)):
+    volumes.write_nifti(path, data, grid, description=f"dmfnet-jax phantom {task}")
+  return paths

@@ -15,12 +15,18 @@ from typing import Any
 import jax
 import numpy as np
 
+from dmfnet_jax import validation
 from dmfnet_jax.errors import CheckpointError
 from dmfnet_jax.models import fusion_head as head_lib
 from dmfnet_jax.models import unet as unet_lib
 
 # Containers the reference (and common training scripts) wrap a state_dict in.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "params")
+# Top-level keys of a saved optimizer (the authors' `*_opt.pth`: epoch, iter, scheduler,
+# optimizer; a bare torch optimizer state_dict: state, param_groups).
+_OPTIMIZER_KEYS = ({"optimizer"}, {"state", "param_groups"})
+# Wrapper prefixes of parameter names: nn.DataParallel / DistributedDataParallel.
+_PARALLEL_PREFIX = "module."
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -32,23 +38,50 @@ def _to_numpy(value: Any) -> np.ndarray:
   return np.asarray(value)
 
 
-def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a torch checkpoint into {key: numpy array}, unwrapping {'state_dict': ...}."""
+def _read_torch_file(path: str) -> Any:
+  """torch.load with weights only (tensors and plain containers: no pickled code runs)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise CheckpointError(
         f"Reading the PyTorch checkpoint {path} needs torch: "
         "pip install 'dmfnet-jax[torch]'") from e
-  path = os.fspath(path)
+  if os.path.isdir(path):
+    raise CheckpointError(f"{path}: is a folder, not a PyTorch checkpoint file")
   if not os.path.isfile(path):
-    raise CheckpointError(f"Checkpoint file {path} does not exist")
+    raise CheckpointError(f"{path}: checkpoint file does not exist")
+  if os.path.getsize(path) == 0:
+    raise CheckpointError(f"{path}: empty file, not a PyTorch checkpoint")
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for corrupt/foreign files
-    raise CheckpointError(f"Cannot read PyTorch checkpoint {path}: {e}") from e
+    text = str(e)
+    if "Unsupported global" in text or "GLOBAL" in text:
+      reason = ("it holds pickled Python objects besides tensors; only weights are read "
+                "(weights_only), so no code from the file runs")
+    elif "central directory" in text or "zip archive" in text or "truncated" in text.lower():
+      reason = "it is truncated or damaged (not a complete PyTorch zip archive)"
+    else:
+      reason = f"it is not a PyTorch checkpoint ({text.splitlines()[0][:200] if text else type(e).__name__})"
+    raise CheckpointError(f"{path}: cannot read it: {reason}") from e
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a torch checkpoint into {key: numpy array}.
+
+  Unwraps {'state_dict': ...}-style containers and the `module.` prefix of
+  nn.DataParallel; refuses an optimizer file, naming what it holds.
+  """
+  path = os.fspath(path)
+  obj = _read_torch_file(path)
   for _ in range(3):  # nested wrappers, e.g. {'model': {'state_dict': ...}}
     if isinstance(obj, Mapping) and not _is_state_dict(obj):
+      keys = {str(k) for k in obj}
+      if any(marker <= keys for marker in _OPTIMIZER_KEYS):
+        raise CheckpointError(
+            f"{path}: holds optimizer state (keys {', '.join(sorted(keys)[:6])}), not model "
+            "weights; the authors save the weights as <name>_gen.pth beside <name>_opt.pth, "
+            "and the fusion head as a plain state_dict (MIF.pth)")
       inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)),
                    None)
       if inner is None:
@@ -56,8 +89,11 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       obj = inner
   if not isinstance(obj, Mapping) or not _is_state_dict(obj):
     raise CheckpointError(
-        f"{path} does not hold a state_dict (a mapping of parameter names to tensors)")
-  return {str(k): _to_numpy(v) for k, v in obj.items()}
+        f"{path}: does not hold a state_dict (a mapping of parameter names to tensors)")
+  state_dict = {str(k): _to_numpy(v) for k, v in obj.items()}
+  if all(k.startswith(_PARALLEL_PREFIX) for k in state_dict):
+    state_dict = {k[len(_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
+  return state_dict
 
 
 def _is_state_dict(obj: Mapping[str, Any]) -> bool:
@@ -168,20 +204,108 @@ def unet_torch_key(path: Sequence[str]) -> str:
   return ".".join(parts)
 
 
+def bare_unet_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """UNet keys without the diffusion wrapper's `denoise_fn.` prefix and schedule buffers."""
+  bare = {}
+  for key, value in state_dict.items():
+    name = key[len(TORCH_PREFIX):] if key.startswith(TORCH_PREFIX) else key
+    if name not in SCHEDULE_BUFFERS:
+      bare[name] = value
+  return bare
+
+
 def unet_params_from_torch(state_dict: Mapping[str, Any], model_cfg: Any) -> Any:
   """Converts a reference UNet (or diffusion wrapper) state_dict to flax params.
 
   Accepts bare keys or keys under `denoise_fn.`; the wrapper's schedule buffers are
   skipped. Raises CheckpointError naming the key on anything missing, unexpected or
   mis-shaped (a checkpoint of another model config)."""
-  bare = {}
-  for key, value in state_dict.items():
-    name = key[len(TORCH_PREFIX):] if key.startswith(TORCH_PREFIX) else key
-    if name in SCHEDULE_BUFFERS:
-      continue
-    bare[name] = value
-  return params_from_state_dict(bare, unet_lib.abstract_params(model_cfg), unet_torch_key,
+  return params_from_state_dict(bare_unet_state_dict(state_dict),
+                                unet_lib.abstract_params(model_cfg), unet_torch_key,
                                 what="Stage I UNet")
+
+
+def _shape(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
+  return tuple(np.shape(state_dict[key]))
+
+
+def _describe_keys(state_dict: Mapping[str, Any], count: int = 4) -> str:
+  keys = sorted(state_dict)
+  return ", ".join(keys[:count]) + (f", ... ({len(keys)} keys)" if len(keys) > count else "")
+
+
+def looks_like_head(state_dict: Mapping[str, Any]) -> bool:
+  return "decoder.0.block.0.weight" in state_dict or "rgb_decode1.conv.weight" in state_dict
+
+
+def looks_like_unet(state_dict: Mapping[str, Any]) -> bool:
+  return "init_conv.weight" in bare_unet_state_dict(state_dict)
+
+
+def image_size_for_attention(levels: Sequence[int], num_levels: int) -> tuple[int, tuple[int, ...]]:
+  """(image_size, attn_res) reproducing attention at exactly `levels` (docs/model.md §1).
+
+  No level: the released model's 160 with attn_res (16,) (160, 80, ... never meets 16).
+  One level k: 16 * 2**k with (16,), as the reference's own configs. Several: a power of
+  two with one attn_res entry per level."""
+  levels = sorted(set(levels))
+  if not levels:
+    return 160, (16,)
+  if len(levels) == 1:
+    return 16 * 2**levels[0], (16,)
+  size = 2**(max(num_levels, 5) + 3)
+  return size, tuple(size >> k for k in levels)
+
+
+def unet_structure_from_torch(state_dict: Mapping[str, Any], *, norm_groups: int = 32,
+                              source: str = "Stage I checkpoint") -> dict[str, Any]:
+  """The UNet's model config, read from the reference state_dict itself.
+
+  Inner channels, channel multipliers, res blocks per level, which levels attend and
+  the in/out channels are all in the weights; the GroupNorm group count is not (its
+  parameters have one entry per channel), so it is given (reference: 32)."""
+  sd = bare_unet_state_dict(state_dict)
+  if "init_conv.weight" not in sd:
+    if looks_like_head(sd):
+      raise CheckpointError(f"{source} is a Stage II fusion head (keys decoder.*, rgb_decode*), "
+                            "not a Stage I UNet: were --stage1 and --stage2 swapped?")
+    raise CheckpointError(f"{source} is not a DM-FNet Stage I UNet: it has no 'init_conv.weight' "
+                          f"(its keys: {_describe_keys(sd)})")
+  try:
+    inner, in_channel = _shape(sd, "init_conv.weight")[:2]
+    out_channel = _shape(sd, "final_conv.block.3.weight")[0]
+    downs = sorted({int(k.split(".")[1]) for k in sd if k.startswith("downs.")})
+    levels: list[list[tuple[int, bool]]] = [[]]
+    for i in downs:
+      if f"downs.{i}.conv.weight" in sd:
+        levels.append([])
+        continue
+      width = _shape(sd, f"downs.{i}.res_block.block1.block.3.weight")[0]
+      levels[-1].append((width, f"downs.{i}.attn.qkv.weight" in sd))
+  except KeyError as err:
+    raise CheckpointError(f"{source} is not a DM-FNet Stage I UNet: key {err} is missing "
+                          f"(its keys: {_describe_keys(sd)})") from None
+  blocks = {len(level) for level in levels}
+  if len(blocks) != 1 or 0 in blocks:
+    raise CheckpointError(f"{source}: levels hold {[len(level) for level in levels]} resnet "
+                          "blocks; a DM-FNet UNet has the same number at every level")
+  mults = []
+  for index, level in enumerate(levels):
+    widths = {w for w, _ in level}
+    if len(widths) != 1 or next(iter(widths)) % inner:
+      raise CheckpointError(f"{source}: level {index} has widths {sorted(widths)}, not one "
+                            f"multiple of the inner channels {inner}")
+    mults.append(next(iter(widths)) // inner)
+  attended = [index for index, level in enumerate(levels) if any(a for _, a in level)]
+  image_size, attn_res = image_size_for_attention(attended, len(levels))
+  model = dict(in_channel=int(in_channel), out_channel=int(out_channel), inner_channel=int(inner),
+               norm_groups=int(norm_groups), channel_mults=tuple(mults), attn_res=attn_res,
+               res_blocks=int(blocks.pop()), dropout=0.2, image_size=image_size,
+               with_noise_level_emb="noise_level_mlp.1.weight" in sd)
+  if validation.attention_levels(mults, attn_res, image_size) != (tuple(attended),) * 2:
+    raise CheckpointError(f"{source}: attention at levels {attended} cannot come from the "
+                          "reference's image_size rule")
+  return model
 
 
 # --- Stage II fusion head ------------------------------------------------------------
@@ -243,3 +367,48 @@ def head_params_from_torch(state_dict: Mapping[str, Any], model_cfg: Any, fusion
   return params_from_state_dict(
       state_dict, head_lib.abstract_head_params(head), lambda path: head_torch_key(path, len(dims)),
       what="Stage II fusion head")
+
+
+def head_structure_from_torch(state_dict: Mapping[str, Any], model: Mapping[str, Any], *,
+                              timesteps: Sequence[int] | None = None,
+                              source: str = "Stage II checkpoint") -> dict[str, Any]:
+  """The head's fusion config, read from its state_dict and checked against the UNet.
+
+  The number of levels, their widths and the number of timesteps are in the weights;
+  which timesteps is not, so a head trained on three uses the reference's (5, 10, 20)
+  and any other count needs `timesteps` given. The decoder features it reads are the
+  reference's: the first block of every up level."""
+  from dmfnet_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  if "decoder.0.block.0.weight" not in state_dict:
+    if looks_like_unet(state_dict):
+      raise CheckpointError(f"{source} is a Stage I UNet (keys init_conv, downs.*), not a "
+                            "Stage II fusion head: were --stage1 and --stage2 swapped?")
+    raise CheckpointError(f"{source} is not a DM-FNet fusion head: it has no "
+                          f"'decoder.0.block.0.weight' (its keys: {_describe_keys(state_dict)})")
+  num_levels = len({int(k.split(".")[1]) for k in state_dict if k.startswith("decoder.")}) // 2
+  res_blocks, levels = int(model["res_blocks"]), len(model["channel_mults"])
+  if num_levels != levels:
+    raise CheckpointError(f"{source}: the head has {num_levels} levels but the UNet has {levels}; "
+                          "the two files belong to different models")
+  feat_scales = tuple(level * (res_blocks + 1) + res_blocks for level in range(levels))
+  unet_dims = head_lib.level_dims(model, feat_scales)
+  head_dims = [_shape(state_dict, f"decoder.{2 * i}.block.2.weight")[0] for i in range(levels)]
+  if head_dims != unet_dims:
+    raise CheckpointError(f"{source}: the head's level widths {head_dims} do not match the UNet's "
+                          f"decoder features {unet_dims} (coarse to fine); the two files belong to "
+                          "different models")
+  count, remainder = divmod(_shape(state_dict, "decoder.0.block.0.weight")[1], head_dims[0])
+  if remainder:
+    raise CheckpointError(f"{source}: 'decoder.0.block.0.weight' takes "
+                          f"{_shape(state_dict, 'decoder.0.block.0.weight')[1]} channels, not a "
+                          f"multiple of the level width {head_dims[0]}")
+  if timesteps is None:
+    if count != len(config_defaults.DEFAULT_TIMESTEPS):
+      raise CheckpointError(f"{source}: the head was trained on {count} timestep(s), which ones "
+                            "the weights do not say; set fusion.timesteps")
+    timesteps = config_defaults.DEFAULT_TIMESTEPS
+  elif len(timesteps) != count:
+    raise CheckpointError(f"{source}: the head was trained on {count} timestep(s), but "
+                          f"fusion.timesteps={tuple(timesteps)} has {len(timesteps)}")
+  return dict(feat_scales=feat_scales, timesteps=tuple(int(t) for t in timesteps),
+              skip_aggregation_for_single_timestep=True)

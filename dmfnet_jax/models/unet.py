@@ -190,22 +190,18 @@ def _layout(inner_channel: int, channel_mults: Sequence[int], attn_res: Sequence
             res_blocks: int, image_size: int) -> tuple[list[_Layer], list[_Layer]]:
   """The reference's `downs` and `ups` lists, attention decided by the image_size quirk."""
   levels = len(channel_mults)
+  down_attn, up_attn = validation.attention_levels(channel_mults, attn_res, image_size)
   downs, ups = [], []
-  resolution = image_size
   for level in range(levels):
     width = inner_channel * channel_mults[level]
-    for _ in range(res_blocks):
-      downs.append(_Layer("res", width, resolution in attn_res))
+    downs += [_Layer("res", width, level in down_attn)] * res_blocks
     if level != levels - 1:
       downs.append(_Layer("down", width))
-      resolution //= 2
   for level in reversed(range(levels)):
     width = inner_channel * channel_mults[level]
-    for _ in range(res_blocks + 1):
-      ups.append(_Layer("res", width, resolution in attn_res))
+    ups += [_Layer("res", width, level in up_attn)] * (res_blocks + 1)
     if level != 0:
       ups.append(_Layer("up", width))
-      resolution *= 2
   return downs, ups
 
 
@@ -221,16 +217,16 @@ class UNet(nn.Module):
       is computed (no remaining full-resolution blocks, no final_conv).
   Features are in the compute dtype. Dropout draws from the 'dropout' rng when train.
   """
-  in_channel: int = 1
-  out_channel: int = 1
-  inner_channel: int = 128
-  norm_groups: int = 32
-  channel_mults: Sequence[int] = (1, 1, 1, 1, 2)
-  attn_res: Sequence[int] = (16,)
-  res_blocks: int = 2
-  dropout: float = 0.2
-  image_size: int = 256
-  with_noise_level_emb: bool = True
+  in_channel: int = MODEL_DEFAULTS["in_channel"]
+  out_channel: int = MODEL_DEFAULTS["out_channel"]
+  inner_channel: int = MODEL_DEFAULTS["inner_channel"]
+  norm_groups: int = MODEL_DEFAULTS["norm_groups"]
+  channel_mults: Sequence[int] = MODEL_DEFAULTS["channel_mults"]
+  attn_res: Sequence[int] = MODEL_DEFAULTS["attn_res"]
+  res_blocks: int = MODEL_DEFAULTS["res_blocks"]
+  dropout: float = MODEL_DEFAULTS["dropout"]
+  image_size: int = MODEL_DEFAULTS["image_size"]
+  with_noise_level_emb: bool = MODEL_DEFAULTS["with_noise_level_emb"]
   dtype: Dtype = jnp.float32
 
   def layout(self) -> tuple[list[_Layer], list[_Layer]]:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dmfnet_jax import imageio, inference, losses
+from dmfnet_jax import imageio, inference, losses, validation
 from dmfnet_jax.data import pipeline
 from dmfnet_jax.errors import CheckpointError, ConfigError
 from dmfnet_jax.models import fusion_head as head_lib
@@ -80,6 +80,8 @@ def make_previewer(unet_fuse, config, workdir, root_key, global_batch: int):
 
 
 def build_stage(config, ctx: trainer.RunContext) -> trainer.Stage:
+  if not validation.is_resolved(config.model):  # no checkpoint says what the UNet is
+    require_stage1_checkpoint(config)
   unet = unet_lib.unet_from_config(config.model, dtype=ctx.dtype)
   head = head_lib.fusion_head_from_config(config.model, config.fusion, dtype=ctx.dtype)
   fuse_fn = inference.make_fuse_fn(unet, head, inference.feature_schedule(config), config.fusion)

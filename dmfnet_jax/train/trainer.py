@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import jax
 from absl import logging
 
-from dmfnet_jax import checkpoints, models, runtime
+from dmfnet_jax import checkpoints, inference, models, runtime
 from dmfnet_jax import sharding as sharding_lib
 from dmfnet_jax.data import pipeline
 from dmfnet_jax.train import state as state_lib
@@ -97,6 +97,7 @@ def loop_settings(train_cfg, global_batch: int) -> LoopSettings:
 def run_training(config, workdir: str, build_stage: Callable[[Any, RunContext], Stage]
                  ) -> LoopResult:
   """Trains the stage `build_stage(config, ctx)` describes, resuming from the workdir."""
+  config = inference.resolve_structure(config, workdir)
   ctx = start_run(config, workdir)
   stage = build_stage(config, ctx)
   mesh, store = ctx.mesh, ctx.store

@@ -1,0 +1,109 @@
+"""The fusion engine: memory estimates, tile plans, seamless tiles, per-image failures."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dmfnet_jax
+from dmfnet_jax import config_defaults, engine, imageio
+from dmfnet_jax.data import phantoms
+from dmfnet_jax.errors import DataError
+from conftest import load_config
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def micro_model(micro_stage2_workdir):
+  return dmfnet_jax.load(micro_stage2_workdir, batch_size=2).model
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_estimate_bounds_what_xla_allocates(micro_model, size):
+  """The estimate is a safe upper bound of the compiled program's own memory analysis."""
+  a = jnp.zeros((1, size, size, 1))
+  keys = jnp.stack([jax.random.PRNGKey(0)])
+  compiled = micro_model._fuse.lower(micro_model.unet_params, micro_model.head_params,  # pylint: disable=protected-access
+                                     a, a, keys).compile()
+  analysis = compiled.memory_analysis()
+  actual = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+  estimate = engine.estimate_bytes(micro_model.config.model, micro_model.config.fusion, size, size)
+  assert actual <= estimate <= 4 * actual + engine.FIXED_BYTES
+
+
+def test_attention_makes_memory_grow_with_the_square_of_the_pixels():
+  model, fusion = config_defaults.model_config("cpu"), config_defaults.fusion_config()
+  small, large = (engine.estimate_bytes(model, fusion, s, s) - engine.FIXED_BYTES
+                  for s in (1024, 2048))
+  assert large > 8 * small  # 4x the pixels, more than 4x the memory
+
+
+@pytest.mark.parametrize("preset", ["cpu", "reference"])
+def test_an_8192_pair_gets_a_plan_on_a_24_gib_machine(preset):
+  model, fusion = config_defaults.model_config(preset), config_defaults.fusion_config()
+  budget = int(engine.DEFAULT_MEMORY_FRACTION * 24 * GIB)
+  plan = engine.plan_tiles(model, fusion, 8192, 8192, budget)
+  assert plan.tile is not None and plan.tile < 8192 and plan.tile % 16 == 0
+  assert engine.estimate_bytes(model, fusion, plan.tile, plan.tile) <= budget
+  covered = np.zeros((8192, 8192), bool)
+  for y, x in plan.tiles:
+    covered[y:y + plan.tile, x:x + plan.tile] = True
+  assert covered.all() and plan.overlap >= 16
+  assert engine.plan_tiles(model, fusion, 256, 256, budget).tile is None
+
+
+def test_an_impossible_budget_is_a_clear_refusal():
+  model, fusion = config_defaults.model_config("reference"), config_defaults.fusion_config()
+  with pytest.raises(DataError, match="even a 64x64 tile needs about .* GiB, more than the "
+                     "memory budget"):
+    engine.plan_tiles(model, fusion, 512, 512, engine.FIXED_BYTES + 1, "a.png")
+
+
+def test_tiles_leave_no_visible_seam():
+  """The shipped model on a 512x512 pair: tiled (a small budget forces it) and whole
+  agree within 2 grey levels away from the border."""
+  mri, pet = phantoms.phantom_pair(3, size=512, task="MRI-PET", seed=4)
+  whole = dmfnet_jax.load(batch_size=1)
+  budget = engine.estimate_bytes(whole.config.model, whole.config.fusion, 384, 384) / GIB
+  tiled = dmfnet_jax.load(batch_size=1, memory_budget_gb=budget)
+  plan = tiled.model.plan(512, 512)
+  assert plan.tile is not None and len(plan.tiles) > 1
+  a, b = whole.fuse(mri, pet), tiled.fuse(mri, pet)
+  inner = (slice(16, -16), slice(16, -16))
+  difference = np.abs(imageio.rgb_to_ycrcb(a)[..., 0].astype(int)
+                      - imageio.rgb_to_ycrcb(b)[..., 0].astype(int))[inner]
+  assert difference.max() <= 2, (difference.max(), difference.mean())
+
+
+def test_a_bad_image_fails_alone(micro_model):
+  good = np.zeros((32, 32), np.float32)
+  keys = [jax.random.PRNGKey(i) for i in range(3)]
+  results = micro_model.fuse_images([good, np.zeros((1, 1), np.float32), good],
+                                    [good, np.zeros((1, 1), np.float32), good], keys, 2,
+                                    names=["a", "tiny.png", "c"])
+  assert isinstance(results[1], DataError) and "tiny.png: 1x1 pixels is too small" in str(results[1])
+  assert results[0].shape == results[2].shape == (32, 32)
+
+
+def test_a_failing_batch_is_retried_image_by_image(micro_model, monkeypatch):
+  good = np.zeros((32, 32), np.float32)
+  original = micro_model._fuse_chunk  # pylint: disable=protected-access
+
+  def flaky(a_images, b_images, keys, batch_size):
+    if len(a_images) > 1:
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    return original(a_images, b_images, keys, batch_size)
+
+  monkeypatch.setattr(micro_model, "_fuse_chunk", flaky)
+  results = micro_model.fuse_images([good, good], [good, good],
+                                    [jax.random.PRNGKey(0)] * 2, 2)
+  assert all(isinstance(r, np.ndarray) for r in results)
+
+
+def test_the_default_budget_is_a_share_of_the_machine():
+  assert engine.memory_budget_bytes() == int(engine.DEFAULT_MEMORY_FRACTION
+                                              * engine.machine_memory_bytes())
+  cfg = load_config("fuse").fuse
+  cfg.memory_budget_gb = 1.5
+  assert engine.memory_budget_bytes(cfg) == int(1.5 * GIB)
