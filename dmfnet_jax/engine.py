@@ -30,10 +30,11 @@ from dmfnet_jax.models import unet as unet_lib
 
 # Bytes of live activations per (channel x pixel) of the UNet's levels, for one image:
 # skips kept for the decoder, GroupNorm/swish/conv temporaries, the features the head
-# reads. Calibrated against XLA's own memory analysis of the compiled programs
-# (tests/test_engine.py checks that the estimate stays above it).
-ACTIVATION_BYTES_PER_CHANNEL_PIXEL = 40.0
-# Attention logits and weights (float32), per query-key pair and attention layer.
+# reads. XLA's memory analysis of the compiled programs gives 24.2 (the `cpu` model) and
+# 15.2 (`reference`) at every size; tests/test_engine.py checks the estimate stays above.
+ACTIVATION_BYTES_PER_CHANNEL_PIXEL = 28.0
+# Attention logits and weights (float32) per query-key pair, of the largest attention
+# layer (layers run one after another and reuse the memory).
 ATTENTION_BYTES_PER_PAIR = 8.0
 # Fixed overhead of a fuse call: parameters, the program, the host copies.
 FIXED_BYTES = 256 * 2**20
@@ -71,10 +72,7 @@ def estimate_bytes(model_cfg, fusion_cfg, height: int, width: int, pairs: int = 
   pixels = [height * width / 4**level for level in range(len(mults))]
   channel_pixels = sum(inner * m * p for m, p in zip(mults, pixels))
   down, up = validation.attention_levels(mults, model_cfg.attn_res, model_cfg.image_size)
-  blocks = int(model_cfg.res_blocks)
-  attention_pairs = pixels[-1] ** 2  # the middle block always attends
-  attention_pairs += sum(blocks * pixels[level] ** 2 for level in down)
-  attention_pairs += sum((blocks + 1) * pixels[level] ** 2 for level in up)
+  attention_pairs = max(pixels[level] ** 2 for level in {len(mults) - 1, *down, *up})
   images = 2 * len(fusion_cfg.timesteps) * pairs
   per_image = (ACTIVATION_BYTES_PER_CHANNEL_PIXEL * channel_pixels
                + ATTENTION_BYTES_PER_PAIR * attention_pairs)
@@ -166,14 +164,31 @@ class FusionModel:
     def noisy(a, b, key):  # the whole image's noise draw, as fuse_one makes it
       return features.noisy_inputs(a[None], b[None], key, sqrt_acp_prev, timesteps)
 
-    def fuse_noisy(unet_params, head_params, x_t, g):
-      feats = features.features_from_noisy(unet, unet_params, x_t, g, scales)
+    def fuse_noisy(unet_params, head_params, x_t, g, norm_fixed):
+      """Tiles (S, T, n, h, w, 1) normalised with the whole image's statistics."""
+      flat = x_t.reshape((-1,) + x_t.shape[3:])
+      fixed = jax.tree.map(lambda a: jnp.repeat(a, x_t.shape[2], axis=0), norm_fixed)
+      feats = unet.apply({"params": unet_params, "norm_fixed": fixed}, flat, g.reshape(-1),
+                         decoder_feature_indices=tuple(scales))
+      feats = [f.reshape(x_t.shape[:3] + f.shape[1:]) for f in feats]
       return head.apply({"params": head_params},
                         head_lib.order_features_coarse_to_fine(feats, scales))
+
+    def norm_statistics(unet_params, a, b, g, key):
+      """GroupNorm statistics of a whole (downscaled) image, noised at levels `g`."""
+      x0 = jnp.stack([a, b])[:, None, None]  # (2, 1, 1, h, w, 1)
+      scale = g[..., None, None, None]
+      noise = jax.random.normal(key, (2, len(timesteps), 1) + a.shape, x0.dtype)
+      x_t = scale * x0 + jnp.sqrt(1.0 - scale**2) * noise
+      _, state = unet.apply({"params": unet_params}, x_t.reshape((-1,) + a.shape),
+                            g.reshape(-1), decoder_feature_indices=tuple(scales),
+                            mutable=["norm_stats"])
+      return jax.tree.map(lambda v: v, state["norm_stats"])
 
     self._fuse = jax.jit(fuse_batch)
     self._noisy = jax.jit(noisy)
     self._fuse_noisy = jax.jit(fuse_noisy)
+    self._norm_statistics = jax.jit(norm_statistics)
 
   def __call__(self, a: np.ndarray, b: np.ndarray, keys: jax.Array) -> np.ndarray:
     """Fused (B, H, W, 1) in [-1, 1] of sources (B, H, W, 1) whose size the networks take."""
@@ -262,12 +277,18 @@ class FusionModel:
 
   def _fuse_tiled(self, a: np.ndarray, b: np.ndarray, key: jax.Array, plan: TilePlan
                   ) -> np.ndarray:
-    """One image in overlapping tiles that share its noise draw, blended with ramps."""
+    """One image in overlapping tiles blended with ramps.
+
+    The tiles share the whole image's noise draw, and their GroupNorm layers use the
+    whole image's statistics, estimated on a downscaled copy that fits the budget (a
+    tile's own statistics shift its intensities: about 6% of pixels more than 2 grey
+    levels off at 512x512 in 384 px tiles, against 0.5% with shared statistics)."""
     a_pad, crop = features.pad_to_valid(a[None, ..., None], self.num_levels)
     b_pad, _ = features.pad_to_valid(b[None, ..., None], self.num_levels)
     x_t, g = self._noisy(a_pad[0], b_pad[0], key)  # (2, T, 1, H, W, 1), (2, T, 1)
+    stats = self._whole_image_statistics(a_pad[0, ..., 0], b_pad[0, ..., 0], g, key)
     x_t = np.asarray(x_t)
-    total = np.zeros(plan.height * plan.width, np.float64).reshape(plan.height, plan.width)
+    total = np.zeros((plan.height, plan.width), np.float64)
     weight = np.zeros_like(total)
     tile, overlap = plan.tile, plan.overlap
     tiles = plan.tiles
@@ -276,7 +297,7 @@ class FusionModel:
       filled = chunk + [chunk[-1]] * (plan.per_call - len(chunk))
       crops = np.concatenate([x_t[:, :, :, y:y + tile, x:x + tile] for y, x in filled], axis=2)
       out = np.asarray(self._fuse_noisy(self.unet_params, self.head_params, crops,
-                                        jnp.repeat(g, len(filled), axis=2)))
+                                        jnp.repeat(g, len(filled), axis=2), stats))
       for position, (y, x) in enumerate(chunk):
         w = np.outer(_ramp(tile, overlap, y > 0, y + tile < plan.height),
                      _ramp(tile, overlap, x > 0, x + tile < plan.width))
@@ -284,6 +305,35 @@ class FusionModel:
         weight[y:y + tile, x:x + tile] += w
     blended = (total / weight).astype(np.float32)[None, ..., None]
     return np.asarray(features.crop_back(blended, crop))[0, ..., 0]
+
+  def _whole_image_statistics(self, a: np.ndarray, b: np.ndarray, g: jax.Array,
+                              key: jax.Array):
+    """GroupNorm statistics of the whole image at the largest 1/2^k scale that fits."""
+    factor = 2
+    multiple = 2**(self.num_levels - 1)
+    while True:
+      height, width = (validation.valid_fusion_side(-(-s // factor), self.num_levels)
+                       for s in a.shape)
+      if estimate_bytes(self.config.model, self.config.fusion, height, width) <= self.budget:
+        break
+      if height <= 4 * multiple and width <= 4 * multiple:
+        break
+      factor *= 2
+    small = [_downscale(x, factor, height, width) for x in (a, b)]
+    stats = self._norm_statistics(self.unet_params, *small, g, jax.random.fold_in(key, 1))
+    unwrap = lambda tree: ({k: (v[0] if k == "stats" else unwrap(v)) for k, v in tree.items()}
+                           if isinstance(tree, dict) else tree)
+    return unwrap(jax.device_get(stats))
+
+
+def _downscale(image: np.ndarray, factor: int, height: int, width: int) -> np.ndarray:
+  """Box-filtered 1/factor copy, reflect-padded to height x width."""
+  rows, cols = (-(-s // factor) * factor for s in image.shape)
+  padded = np.pad(image, ((0, rows - image.shape[0]), (0, cols - image.shape[1])), mode="edge")
+  small = padded.reshape(rows // factor, factor, cols // factor, factor).mean(axis=(1, 3))
+  pad_h, pad_w = height - small.shape[0], width - small.shape[1]
+  return np.pad(small, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2)),
+                mode="reflect").astype(np.float32)[..., None]
 
 
 def _one_line(err: BaseException) -> str:

@@ -52,11 +52,40 @@ def _dense(features: int, *, dtype: Dtype, name: str) -> nn.Dense:
                   kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name=name)
 
 
-def _group_norm(groups: int, name: str) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+  """GroupNorm as PyTorch computes it (two-pass variance in float32, eps 1e-5), with
+  parameters `scale` and `bias` as flax's.
+
+  Tiled fusion (dmfnet_jax.engine) needs the statistics of the whole image rather than
+  of a tile: with `sow_stats` the layer records its per-group (mean, mean of squares)
+  in the `norm_stats` collection, and when a `norm_fixed` variable `stats` is given it
+  normalises with those instead of its input's."""
+  groups: int
+  epsilon: float = GROUP_NORM_EPS
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones_init(), (channels,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (channels,), jnp.float32)
+    grouped = x.reshape(x.shape[:-1] + (self.groups, channels // self.groups))
+    axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+    mean = jnp.mean(grouped, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
+    self.sow("norm_stats", "stats", (jnp.squeeze(mean, axes), jnp.squeeze(var + mean**2, axes)))
+    if self.has_variable("norm_fixed", "stats"):
+      fixed_mean, fixed_mean_sq = self.get_variable("norm_fixed", "stats")
+      mean = fixed_mean.reshape(mean.shape)
+      var = fixed_mean_sq.reshape(mean.shape) - mean**2
+    normed = (grouped - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return normed.reshape(x.shape) * scale + bias
+
+
+def _group_norm(groups: int, name: str) -> GroupNorm:
   # Always float32 with the two-pass variance, whatever the compute dtype: bf16
   # statistics drift visibly from the reference.
-  return nn.GroupNorm(num_groups=groups, epsilon=GROUP_NORM_EPS, dtype=jnp.float32,
-                      param_dtype=jnp.float32, use_fast_variance=False, name=name)
+  return GroupNorm(groups, name=name)
 
 
 def noise_level_encoding(noise_level: jax.Array, dim: int) -> jax.Array:
