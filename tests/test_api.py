@@ -97,6 +97,15 @@ def test_fuse_files(fuser, pet_pair, tmp_path):
   np.testing.assert_array_equal(imageio.read_image(tmp_path / "out" / "fused.png"), fused)
 
 
+def test_an_output_over_an_input_is_refused(fuser, pet_pair, tmp_path):
+  paths = [imageio.write_image_atomic(tmp_path / name, image)
+           for name, image in zip(("mri.png", "pet.png"), pet_pair)]
+  before = paths[0].read_bytes()
+  with pytest.raises(DataError, match="is the input"):
+    fuser.fuse_files(*paths, output=paths[0])
+  assert paths[0].read_bytes() == before
+
+
 def test_fuse_volumes(fuser, tmp_path):
   nib = pytest.importorskip("nibabel")
   slices = [phantoms.phantom_pair(i, size=32, task="MRI-PET", seed=1) for i in range(4)]

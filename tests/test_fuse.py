@@ -1,16 +1,24 @@
-"""The fuse job: naming, colour, any size, determinism, and bad input."""
+"""The fuse job: naming, colour, any size, determinism, bad input, and never losing a
+user's file (inputs untouched, per-item failures, permissions, resume)."""
 
+import io
 import json
 import os
+import pathlib
+import signal
+import stat
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dmfnet_jax import fuse, imageio
+from dmfnet_jax import api, config_defaults, fuse, imageio, validation
 from dmfnet_jax.data import phantoms
 from dmfnet_jax.errors import CheckpointError, DmfnetError
-from conftest import micro_config
+from conftest import REPO_ROOT, micro_config
 
 
 def fuse_config(checkpoint, **fuse_overrides):
@@ -125,3 +133,237 @@ def test_dataset_input_knows_the_side_by_side_split(harvard_root, tmp_path):
   listed = json.loads((harvard_root / "splits.json").read_text())["MRI-SPECT"]["dmfnet_side_by_side"]
   assert [p.pair_id for p in found] == [os.path.splitext(n)[0] for n in listed]
   assert not problems and all(p.path_a.parent.parent.name == "test" for p in found)
+
+
+# ----------------------------------------------------------------------------- safety
+
+
+def _folder_pairs(root, count=3, size=40, task="MRI-CT"):
+  a, b = root / "a", root / "b"
+  for i in range(count):
+    mri, other = phantoms.phantom_pair(i, size, task, seed=6)
+    imageio.write_image_atomic(a / f"p{i}.png", mri)
+    imageio.write_image_atomic(b / f"p{i}.png", other)
+  return a, b
+
+
+def _snapshot(folder):
+  return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("target", ["a", "b"])
+def test_an_output_that_would_touch_an_input_is_refused_before_any_work(
+    micro_stage2_workdir, tmp_path, target):
+  a, b = _folder_pairs(tmp_path)
+  before = (_snapshot(a), _snapshot(b))
+  output = tmp_path / target
+  config = fuse_config(micro_stage2_workdir, dir_a=str(a), dir_b=str(b), output_dir=str(output))
+  with pytest.raises(DmfnetError, match="refusing to write"):
+    fuse.run(config, str(tmp_path / "w"))
+  assert (_snapshot(a), _snapshot(b)) == before
+  assert not (tmp_path / "w" / "fuse_summary.json").exists()
+
+
+def test_a_dataset_fused_into_one_of_its_folders_is_refused(micro_stage2_workdir, tmp_path,
+                                                          dataset):
+  mri_folder = dataset / "MRI-CT" / "test" / "MRI"
+  before = _snapshot(mri_folder)
+  config = fuse_config(micro_stage2_workdir, output_dir=str(mri_folder))
+  config.data.update(root=str(dataset), tasks=("MRI-CT",), split="test")
+  with pytest.raises(DmfnetError, match="output folder .*MRI holds the input"):
+    fuse.run(config, str(tmp_path / "w"))
+  assert _snapshot(mri_folder) == before
+
+
+def test_one_bad_pair_never_stops_the_batch(micro_stage2_workdir, tmp_path):
+  a, b = _folder_pairs(tmp_path, count=2, size=40)
+  imageio.write_image_atomic(a / "dot.png", np.zeros((1, 1), np.uint8))
+  imageio.write_image_atomic(b / "dot.png", np.zeros((1, 1), np.uint8))
+  imageio.write_image_atomic(a / "big.png", np.zeros((72, 56), np.uint8))
+  imageio.write_image_atomic(b / "big.png", np.zeros((72, 56), np.uint8))
+  config = fuse_config(micro_stage2_workdir, dir_a=str(a), dir_b=str(b),
+                       output_dir=str(tmp_path / "out"))
+  summary = fuse.run(config, str(tmp_path / "w"))
+  assert summary["fused"] == 3 and summary["skipped"] == 1
+  [item] = summary["skipped_pairs"]
+  assert "dot.png" in item["pair"] and "1x1 pixels is too small" in item["reason"]
+
+
+@pytest.mark.parametrize("mask", [0o027, 0o002])
+def test_outputs_get_the_permissions_of_the_umask(micro_stage2_workdir, tmp_path, mask):
+  """Fuse and evaluate, run as a user would (a process with that umask)."""
+  a, b = _folder_pairs(tmp_path, count=2)
+  work = tmp_path / "w"
+  common = [sys.executable, "-m", "dmfnet_jax.main"]
+  fuse_cmd = common + [f"--config={REPO_ROOT / 'configs' / 'fuse.py'}", f"--workdir={work}",
+                       f"--config.checkpoint={micro_stage2_workdir}", f"--config.fuse.dir_a={a}",
+                       f"--config.fuse.dir_b={b}"]
+  root = tmp_path / "data"
+  phantoms.write_phantom_dataset(root, ["MRI-CT"], "test", count=2, size=32, seed=1)
+  eval_cmd = common + [f"--config={REPO_ROOT / 'configs' / 'evaluate.py'}",
+                       f"--workdir={tmp_path / 'e'}", f"--config.data.root={root}",
+                       "--config.data.tasks=('MRI-CT',)", "--config.evaluate.methods.wavelet=baseline:max",
+                       "--config.evaluate.methods.laplacian=baseline:mean"]
+  for command in (fuse_cmd, eval_cmd):
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            preexec_fn=lambda: os.umask(mask))
+    assert result.returncode in (0, 3), result.stderr[-2000:]
+  files = [p for d in (work, tmp_path / "e") for p in d.rglob("*") if p.is_file()]
+  folders = [p for d in (work, tmp_path / "e") for p in d.rglob("*") if p.is_dir()]
+  assert len(files) > 8
+  assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(0o666 & ~mask)}
+  assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in folders} == {oct(0o777 & ~mask)}
+
+
+def _fuse_command(micro_stage2_workdir, a, b, out, work, *extra):
+  return [sys.executable, "-m", "dmfnet_jax.main",
+          f"--config={REPO_ROOT / 'configs' / 'fuse.py'}", f"--workdir={work}",
+          f"--config.checkpoint={micro_stage2_workdir}", f"--config.fuse.dir_a={a}",
+          f"--config.fuse.dir_b={b}", f"--config.fuse.output_dir={out}",
+          "--config.fuse.batch_size=1", *extra]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_where_it_stopped(micro_stage2_workdir, tmp_path):
+  a, b = _folder_pairs(tmp_path, count=6, size=32)
+  out = tmp_path / "out"
+  env = {**os.environ, api.WRITE_DELAY_ENV: "1.5"}
+  process = subprocess.Popen(_fuse_command(micro_stage2_workdir, a, b, out, tmp_path / "w"),
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and len(list(out.glob("p*.png"))) < 2:
+    time.sleep(0.2)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  done = sorted(p.name for p in out.glob("p*.png"))
+  assert 2 <= len(done) < 6
+  for name in done:  # never half-written
+    assert imageio.read_image(out / name).shape == (32, 32)
+  result = subprocess.run(_fuse_command(micro_stage2_workdir, a, b, out, tmp_path / "w"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.loads((tmp_path / "w" / "fuse_summary.json").read_text())
+  assert summary["already_done"] == len(done) and summary["fused"] == 6 - len(done)
+  assert not list(out.glob(".*.tmp"))
+  fresh = tmp_path / "fresh"
+  subprocess.run(_fuse_command(micro_stage2_workdir, a, b, fresh, tmp_path / "w2"), cwd=tmp_path,
+                 check=True, capture_output=True, timeout=600)
+  for name in (f"p{i}.png" for i in range(6)):
+    assert (out / name).read_bytes() == (fresh / name).read_bytes()
+
+
+def test_a_rerun_with_another_model_or_seed_needs_overwrite(micro_stage2_workdir, tmp_path):
+  a, b = _folder_pairs(tmp_path, count=2)
+  out = tmp_path / "out"
+  config = fuse_config(micro_stage2_workdir, dir_a=str(a), dir_b=str(b), output_dir=str(out))
+  fuse.run(config, str(tmp_path / "w"))
+  assert fuse.run(config, str(tmp_path / "w"))["already_done"] == 2  # same run: nothing to do
+  config.seed = 7
+  with pytest.raises(DmfnetError, match="exist from another run.*overwrite"):
+    fuse.run(config, str(tmp_path / "w"))
+  config.fuse.overwrite = True
+  summary = fuse.run(config, str(tmp_path / "w"))
+  assert summary["fused"] == 2 and summary["already_done"] == 0
+
+
+def test_float_tiffs_are_mapped_and_nan_is_named(micro_stage2_workdir, tmp_path):
+  a, b = tmp_path / "a", tmp_path / "b"
+  a.mkdir()
+  b.mkdir()
+  mri, ct = phantoms.phantom_pair(0, 32, "MRI-CT", seed=2)
+  Image.fromarray(mri.astype(np.float32) / 255.0).save(a / "unit.tif")
+  Image.fromarray(ct.astype(np.float32) / 255.0).save(b / "unit.tif")
+  Image.fromarray(mri.astype(np.float32) * 10.0 - 1000.0).save(a / "hu.tif")  # any range
+  Image.fromarray(ct.astype(np.float32) * 10.0 - 1000.0).save(b / "hu.tif")
+  bad = mri.astype(np.float32)
+  bad[3, 4] = np.nan
+  Image.fromarray(bad).save(a / "nan.tif")
+  Image.fromarray(ct.astype(np.float32)).save(b / "nan.tif")
+  config = fuse_config(micro_stage2_workdir, dir_a=str(a), dir_b=str(b),
+                       output_dir=str(tmp_path / "out"))
+  summary = fuse.run(config, str(tmp_path / "w"))
+  assert summary["fused"] == 2 and summary["skipped"] == 1
+  assert "nan.tif" in summary["skipped_pairs"][0]["reason"]
+  assert "1 of 1024 pixels are NaN" in summary["skipped_pairs"][0]["reason"]
+  # Min-max mapping of any range gives the same pixels as the [0, 1] version.
+  unit, hu = (imageio.read_image(tmp_path / "out" / f"{n}.png").astype(int) for n in ("unit", "hu"))
+  assert unit.shape == (32, 32) and hu.shape == (32, 32)
+
+
+def _cmyk_jpeg(path, image):
+  Image.fromarray(np.dstack([image] * 3)).convert("CMYK").save(path, format="JPEG")
+
+
+def test_unusual_and_broken_inputs(micro_stage2_workdir, tmp_path):
+  """The 22 inputs a user tried: each is fused or skipped with its reason, never a crash."""
+  a, b = tmp_path / "a", tmp_path / "b"
+  a.mkdir()
+  b.mkdir()
+  mri, ct = phantoms.phantom_pair(2, 48, "MRI-CT", seed=3)
+  _, pet = phantoms.phantom_pair(2, 48, "MRI-PET", seed=3)
+  save = lambda folder, name, image: Image.fromarray(image).save(folder / name)
+  fine = {
+      "rgba": lambda: (save(a, "rgba.png", mri), save(b, "rgba.png", np.dstack([pet, np.full_like(mri, 200)]))),
+      "palette": lambda: (save(a, "palette.png", mri),
+                          Image.fromarray(pet).convert("P").save(b / "palette.png")),
+      "sixteen": lambda: (save(a, "sixteen.png", mri.astype(np.uint16) * 257),
+                          save(b, "sixteen.png", ct.astype(np.uint16) * 257)),
+      "cmyk": lambda: (save(a, "cmyk.png", mri), _cmyk_jpeg(b / "cmyk.jpg", ct)),
+      "strip": lambda: (save(a, "strip.png", np.tile(mri[:7], (1, 7))[:, :300]),
+                        save(b, "strip.png", np.tile(ct[:7], (1, 7))[:, :300])),
+      "große_ÿ": lambda: (save(a, "große_ÿ.png", mri), save(b, "große_ÿ.png", ct)),
+  }
+  broken = {
+      "truncated": lambda: (save(a, "truncated.png", mri),
+                            (b / "truncated.png").write_bytes(_png_bytes(ct)[:200])),
+      "empty": lambda: (save(a, "empty.png", mri), (b / "empty.png").write_bytes(b"")),
+      "text": lambda: (save(a, "text.png", mri), (b / "text.png").write_text("hello")),
+      "sizes": lambda: (save(a, "sizes.png", mri), save(b, "sizes.png", ct[:40])),
+  }
+  for make in (*fine.values(), *broken.values()):
+    make()
+  save(a, "lonely.png", mri)
+  config = fuse_config(micro_stage2_workdir, dir_a=str(a), dir_b=str(b),
+                       output_dir=str(tmp_path / "out"))
+  summary = fuse.run(config, str(tmp_path / "w"))
+  fused = {pathlib.Path(p).stem for p in summary["outputs"]}
+  assert fused == set(fine), summary["skipped_pairs"]
+  reasons = {item["pair"]: item["reason"] for item in summary["skipped_pairs"]}
+  assert summary["skipped"] == len(broken) + 1
+  assert any("lonely.png" in pair and "no partner" in pair for pair in reasons)
+  for name, why in (("truncated", "cannot decode"), ("empty", "cannot decode"),
+                    ("text", "cannot decode"), ("sizes", "image sizes differ")):
+    assert any(f"{name}.png" in pair and why in reason for pair, reason in reasons.items()), name
+  assert imageio.read_image(tmp_path / "out" / "strip.png").shape == (7, 300)
+  assert imageio.read_image(tmp_path / "out" / "rgba.png").shape == (48, 48, 3)
+  for key, value, message in (("batch_size", 0, "fuse.batch_size"),
+                              ("output_format", "gif", "fuse.output_format")):
+    config = fuse_config(micro_stage2_workdir)
+    config.fuse[key] = value
+    with pytest.raises(DmfnetError, match=message):
+      validation.validate(config)
+
+
+@pytest.mark.slow
+def test_a_1536_pair_with_the_shipped_model(tmp_path):
+  """Larger than the training images: fused whole if it fits the memory budget, else in
+  tiles; here in tiles (a 6 GiB budget), as on a small machine."""
+  mri, pet = phantoms.phantom_pair(4, 1536, "MRI-PET", seed=3)
+  for folder, image in (("a", mri), ("b", pet)):
+    imageio.write_image_atomic(tmp_path / folder / "large.png", image)
+  config = micro_config("fuse")
+  config.model = config_defaults.model_config_from_checkpoint()
+  config.fusion = config_defaults.fusion_config_from_checkpoint()
+  config.checkpoint = config_defaults.shipped_model_dir()
+  config.fuse.update(dir_a=str(tmp_path / "a"), dir_b=str(tmp_path / "b"), batch_size=1,
+                     output_dir=str(tmp_path / "out"), memory_budget_gb=6.0)
+  summary = fuse.run(config, str(tmp_path / "w"))
+  assert summary["fused"] == 1, summary["skipped_pairs"]
+  assert imageio.read_image(tmp_path / "out" / "large.png").shape == (1536, 1536, 3)
+
+
+def _png_bytes(image):
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
