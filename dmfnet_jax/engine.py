@@ -185,14 +185,27 @@ class FusionModel:
                             mutable=["norm_stats"])
       return jax.tree.map(lambda v: v, state["norm_stats"])
 
-    self._fuse = jax.jit(fuse_batch)
+    # Each batch is split over this process's devices (a multi-host run gives every
+    # process its own share of the pairs, so no step needs another host).
+    self.devices = jax.local_devices()
+    mesh = jax.sharding.Mesh(np.asarray(self.devices), ("data",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._fuse = jax.jit(fuse_batch, in_shardings=(whole, whole, split, split, split),
+                         out_shardings=split)
     self._noisy = jax.jit(noisy)
     self._fuse_noisy = jax.jit(fuse_noisy)
     self._norm_statistics = jax.jit(norm_statistics)
 
   def __call__(self, a: np.ndarray, b: np.ndarray, keys: jax.Array) -> np.ndarray:
-    """Fused (B, H, W, 1) in [-1, 1] of sources (B, H, W, 1) whose size the networks take."""
+    """Fused (B, H, W, 1) in [-1, 1] of sources (B, H, W, 1) whose size the networks take;
+    B must be a multiple of the local device count (see `batch_for`)."""
     return np.asarray(self._fuse(self.unet_params, self.head_params, a, b, keys))
+
+  def batch_for(self, size: int) -> int:
+    """`size` rounded up to a multiple of the local devices, which share each batch."""
+    count = len(self.devices)
+    return -(-max(size, 1) // count) * count
 
   def plan(self, height: int, width: int, what: str = "image") -> TilePlan:
     """The tile plan of a height x width source (padded to a valid size first)."""
@@ -236,7 +249,7 @@ class FusionModel:
       fits = max(1, int((self.budget - FIXED_BYTES)
                         // max(estimate_bytes(self.config.model, self.config.fusion, plan.height,
                                               plan.width) - FIXED_BYTES, 1)))
-      size = max(1, min(batch_size, fits))
+      size = self.batch_for(min(batch_size, fits))  # every local device gets a share
       for start in range(0, len(indices), size):
         chunk = indices[start:start + size]
         try:

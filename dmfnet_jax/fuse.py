@@ -8,9 +8,11 @@ reported and skipped; the rest are fused; `fuse_summary.json` closes the run.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import tempfile
 
+import jax
 from absl import logging
 
 from dmfnet_jax import api, inference, runtime
@@ -82,6 +84,28 @@ def check_writable(output_dir: pathlib.Path) -> None:
     raise DmfnetError(f"config.fuse.output_dir={output_dir}: cannot write there ({err})") from err
 
 
+def merge_process_summaries(summary: dict, workdir_path) -> dict:
+  """The whole run's summary: each process writes its part; the chief adds them up."""
+  if jax.process_count() == 1:
+    return summary
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  part = workdir_path / f"fuse_summary.process-{jax.process_index()}.json"
+  runtime.write_json_atomic(part, summary)
+  multihost_utils.sync_global_devices("dmfnet_fuse_done")
+  parts = [json.loads((workdir_path / f"fuse_summary.process-{i}.json").read_text())
+           for i in range(jax.process_count())]
+  merged = {key: sum(p[key] for p in parts) for key in ("fused", "skipped", "already_done")}
+  merged["skipped_pairs"] = [item for p in parts for item in p["skipped_pairs"]]
+  merged["outputs"] = sorted(item for p in parts for item in p["outputs"])
+  merged["seconds"] = max(p["seconds"] for p in parts)
+  merged["processes"] = len(parts)
+  multihost_utils.sync_global_devices("dmfnet_fuse_merged")
+  if is_chief():
+    for i in range(len(parts)):
+      (workdir_path / f"fuse_summary.process-{i}.json").unlink(missing_ok=True)
+  return merged
+
+
 def run(config, workdir: str) -> dict:
   config = inference.resolve_structure(config)
   workdir_path = runtime.prepare_workdir(config, workdir)
@@ -96,9 +120,13 @@ def run(config, workdir: str) -> dict:
   fuser = api.Fuser.from_config(config)
   for problem in problems:
     logging.error("Skipping: %s", problem)
-  logging.info("Fusing %d pairs from %s into %s", len(pairs), source, output_dir)
-  summary = fuser.fuse_pairs(pairs, lambda pair: output_path(pair, output_dir, fmt),
+  # Each process of a multi-host run fuses its own share; outputs never collide.
+  share = pairs[jax.process_index()::jax.process_count()]
+  logging.info("Fusing %d of %d pairs from %s into %s", len(share), len(pairs), source,
+               output_dir)
+  summary = fuser.fuse_pairs(share, lambda pair: output_path(pair, output_dir, fmt),
                              output_root=output_dir, overwrite=bool(fuse_cfg.overwrite))
+  summary = merge_process_summaries(summary, workdir_path)
   summary["output_dir"] = str(output_dir)
   summary["skipped"] += len(problems)
   summary["skipped_pairs"] += [{"pair": p, "reason": "unpaired"} for p in problems]

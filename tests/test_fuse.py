@@ -205,8 +205,9 @@ def test_outputs_get_the_permissions_of_the_umask(micro_stage2_workdir, tmp_path
                        "--config.data.tasks=('MRI-CT',)", "--config.evaluate.methods.wavelet=baseline:max",
                        "--config.evaluate.methods.laplacian=baseline:mean"]
   for command in (fuse_cmd, eval_cmd):
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            preexec_fn=lambda: os.umask(mask))
+    # The shell sets the umask, as a user's login would (no fork from this threaded process).
+    result = subprocess.run(["sh", "-c", f"umask {mask:03o} && exec \"$@\"", "sh", *command],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode in (0, 3), result.stderr[-2000:]
   files = [p for d in (work, tmp_path / "e") for p in d.rglob("*") if p.is_file()]
   folders = [p for d in (work, tmp_path / "e") for p in d.rglob("*") if p.is_dir()]
