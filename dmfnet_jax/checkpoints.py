@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -65,7 +66,9 @@ class CheckpointStore:
   """A `CheckpointManager` with item names, keep policy and corrupt-step fallback."""
 
   def __init__(self, directory: os.PathLike | str, *, keep: int = 3,
-               async_save: bool = True, read_only: bool = False):
+               async_save: bool = True, read_only: bool = False, local: bool = False):
+    """`local`: this process reads on its own (a model loaded for fusion in a multi-host
+    run, where each process fuses its own pairs), with no coordination across hosts."""
     self.directory = runtime.workdir_path(directory)
     self.read_only = read_only
     if read_only and not self.directory.is_dir():
@@ -78,6 +81,9 @@ class CheckpointStore:
         cleanup_tmp_directories=not read_only,
         async_options=_async_options() if async_save and not read_only else None,
     )
+    if local and jax.process_count() > 1:
+      options.multiprocessing_options = ocp.options.MultiprocessingOptions(
+          primary_host=jax.process_index(), active_processes={jax.process_index()})
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
                                            item_names=ITEM_NAMES)
@@ -113,6 +119,18 @@ class CheckpointStore:
         **{name: _restore_arg(name, target) for name, target in targets.items()})
     restored = self.manager.restore(step, args=args)
     return {name: restored[name] for name in targets}
+
+  def restore_numpy(self, step: int, name: str) -> Any:
+    """One item as host numpy arrays, whatever devices saved it: how a model is read for
+    fusion, where every process of a multi-host run loads all of it for itself."""
+    path = self.directory / str(step) / name
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+      tree = checkpointer.metadata(path).item_metadata
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except (OSError, ValueError, KeyError) as err:
+      raise DamagedCheckpointError(f"{path}: cannot read it ({err})") from err
 
   def restore_latest_good(self, targets_fn) -> tuple[Optional[int], Optional[dict]]:
     """Newest step that restores; corrupt or partial steps are skipped with a warning.
@@ -183,16 +201,18 @@ def resolve_checkpoint_path(path: os.PathLike | str) -> epath.Path:
   return path
 
 
-def open_for_reading(path: os.PathLike | str) -> tuple[CheckpointStore, int]:
+def open_for_reading(path: os.PathLike | str, *, local: bool = False
+                     ) -> tuple[CheckpointStore, int]:
   """Opens a checkpoint for reading; returns the store and the step to use.
 
   Accepts a workdir, a checkpoint manager folder, or a single step folder in one.
+  `local`: see `CheckpointStore`.
   """
   path = resolve_checkpoint_path(path)
   if (path / "meta").is_dir() and path.name.isdigit():
-    store = CheckpointStore(path.parent, read_only=True)
+    store = CheckpointStore(path.parent, read_only=True, local=local)
     return store, int(path.name)
-  store = CheckpointStore(path, read_only=True)
+  store = CheckpointStore(path, read_only=True, local=local)
   step = store.latest_step()
   if step is None:
     raise CheckpointError(f"{path}: contains no complete checkpoint")

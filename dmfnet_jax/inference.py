@@ -54,7 +54,7 @@ def recorded_structure(path: str | os.PathLike, *, norm_groups: int | None = Non
     return {"model": torch_convert.unet_structure_from_torch(
         state_dict, norm_groups=norm_groups or config_defaults.MODEL_DEFAULTS["norm_groups"],
         source=str(path))}
-  store, step = checkpoints.open_for_reading(path)
+  store, step = checkpoints.open_for_reading(path, local=True)
   meta = store.read_meta(step)
   if "model" not in meta:
     raise CheckpointError(f"{store.directory / str(step)}: records no model structure")
@@ -136,19 +136,18 @@ def resolve_structure(config, workdir=None):
 
 
 def restore_two_stage(store: checkpoints.CheckpointStore, step: int):
-  """Raw (unet_params, head_params) at `step`: exported/imported models hold
-  `params` = {unet, head}; Stage II checkpoints hold `state` (the head) and `unet`."""
+  """Raw (unet_params, head_params) at `step`, as host arrays: exported/imported models
+  hold `params` = {unet, head}; Stage II checkpoints hold `state` (the head) and `unet`."""
   where = store.directory / str(step)
   names = store.item_names_at(step)
   if "params" in names:
-    params = store.restore(step, {"params": None})["params"]
+    params = store.restore_numpy(step, "params")
     if not (isinstance(params, dict) and "unet" in params and "head" in params):
       raise CheckpointError(f"{where}: holds no fusion model (its params have no 'unet' and "
                             "'head' parts: a Stage I checkpoint?)")
     return params["unet"], params["head"]
   if "state" in names and "unet" in names:
-    restored = store.restore(step, {"state": None, "unet": None})
-    return restored["unet"], restored["state"]["params"]
+    return store.restore_numpy(step, "unet"), store.restore_numpy(step, "state")["params"]
   raise CheckpointError(f"{where}: holds no fusion model (needs Stage I and Stage II "
                         f"parameters; found items {names})")
 
@@ -164,21 +163,22 @@ def load_unet_params(path: str | os.PathLike, model_cfg) -> Any:
   checkpoints.check_model_matches(store.read_meta(step), {"model": model_cfg}, where)
   names = store.item_names_at(step)
   if "state" in names and store.read_meta(step).get("job") == "stage1":
-    saved_state = store.restore(step, {"state": None})["state"]
+    saved_state = store.restore_numpy(step, "state")
     params = saved_state.get("ema_params") or saved_state["params"]
   elif "unet" in names:
-    params = store.restore(step, {"unet": None})["unet"]
+    params = store.restore_numpy(step, "unet")
   elif "params" in names:
-    params = store.restore(step, {"params": None})["params"]["unet"]
+    params = store.restore_numpy(step, "params")["unet"]
   else:
     raise CheckpointError(f"{where}: holds no Stage I parameters")
   return checkpoints.conform_params(params, unet_lib.abstract_params(model_cfg), f"{where}")
 
 
-def load_two_stage_params(path: str | os.PathLike, config):
+def load_two_stage_params(path: str | os.PathLike, config, *, local: bool = False):
   """(unet_params, head_params) of a two-stage checkpoint (a Stage II workdir or step
-  folder, or an exported/imported model), checked against `config`'s model."""
-  store, step = checkpoints.open_for_reading(path)
+  folder, or an exported/imported model), checked against `config`'s model. `local`:
+  each process reads on its own (fusion; see `checkpoints.CheckpointStore`)."""
+  store, step = checkpoints.open_for_reading(path, local=local)
   where = store.directory / str(step)
   checkpoints.check_model_matches(
       store.read_meta(step), {g: config[g] for g in checkpoints.STRUCTURE_GROUPS}, where,
@@ -203,5 +203,5 @@ def load_fusion_model(config):
         "(python -m dmfnet_jax.main --config=configs/stage2.py --workdir=DIR) or at the output of "
         "python -m dmfnet_jax.tools.import_torch")
   config = resolve_structure(config)
-  unet_params, head_params = load_two_stage_params(path, config)
+  unet_params, head_params = load_two_stage_params(path, config, local=True)
   return engine.FusionModel(config=config, unet_params=unet_params, head_params=head_params)
