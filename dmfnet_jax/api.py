@@ -51,7 +51,7 @@ RUN_STATE_FILE = ".dmfnet_fuse_run.json"
 WRITE_DELAY_ENV = "DMFNET_TEST_WRITE_DELAY"
 
 
-def load(checkpoint: Optional[PathLike] = None, *, batch_size: int = 4,
+def load(checkpoint: Optional[PathLike] = None, *, batch_size: int = 1,
          compute_dtype: str = "float32", seed: int = 0, memory_budget_gb: float = 0.0) -> "Fuser":
   """A `Fuser` for `checkpoint` (default: the shipped model).
 
@@ -126,7 +126,7 @@ def _finish(fused: np.ndarray, colour: Optional[np.ndarray]) -> np.ndarray:
 class Fuser:
   """A trained DM-FNet, ready to fuse (see the module docstring)."""
 
-  def __init__(self, model: "engine.FusionModel", *, seed: int = 0, batch_size: int = 4):
+  def __init__(self, model: "engine.FusionModel", *, seed: int = 0, batch_size: int = 1):
     self.model = model
     self.seed = int(seed)
     self.batch_size = int(batch_size)

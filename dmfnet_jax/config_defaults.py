@@ -220,7 +220,9 @@ def fuse_config() -> ml_collections.ConfigDict:
           dir_b="",
           output_dir="",  # default: WORKDIR/fused
           output_format="png",
-          batch_size=4,
+          # Pairs per call (each is six UNet passes already); 1 is fastest on a CPU
+          # (docs/performance.md), raise it on an accelerator.
+          batch_size=1,
           compute_dtype="float32",
           # Memory a fuse may plan for; 0 = half the machine's (an accelerator's own).
           # Larger images are fused in tiles.

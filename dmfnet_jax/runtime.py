@@ -109,20 +109,15 @@ def refuse_writing_inputs(input_files: Iterable[PathLike], output_files: Iterabl
     inputs.setdefault(_real(path), os.fspath(path))
   input_dirs = {os.path.dirname(real): given for real, given in inputs.items()}
   input_dirs.update({_real(folder): os.fspath(folder) for folder in input_folders})
-  for path in output_files:
-    if is_remote(path):
-      continue
-    real = _real(path)
-    if real in inputs:
-      raise DataError(f"output {path} is the input {inputs[real]}: refusing to write over an "
-                      "input; choose another output file or folder")
-  for path in output_dirs:
-    if is_remote(path):
-      continue
-    real = _real(path)
-    if real in input_dirs:
-      raise DataError(f"output folder {path} holds the input {input_dirs[real]}: refusing to "
-                      "write into an input folder; choose another output folder")
+  checks = ((output_files, inputs, "output {path} is the input {input}: refusing to write "
+              "over an input; choose another output file or folder"),
+            (output_dirs, input_dirs, "output folder {path} holds the input {input}: refusing "
+             "to write into an input folder; choose another output folder"))
+  for paths, known, message in checks:
+    for path in paths:
+      real = None if is_remote(path) else _real(path)
+      if real in known:
+        raise DataError(message.format(path=path, input=known[real]))
 
 
 def remove_stale_temporaries(folder: PathLike) -> int:

@@ -71,18 +71,14 @@ while (($#)); do
     --dry-run) DRY_RUN=1; continue ;;
     --) EXTRA=("$@"); break ;;
   esac
-  if [[ $arg == --*=* ]]; then
-    key=${arg%%=*} value=${arg#*=}
-  elif [[ $arg == --* ]]; then
-    key=$arg
-    (($#)) || die "$key needs a value"
-    value=$1
-    shift
-  else
+  read_option "$arg" "$@"
+  if [[ -z $KEY ]]; then
     [[ -z $COMMAND ]] || die "unexpected argument '$arg' (config overrides go after --)"
     COMMAND=$arg
     continue
   fi
+  shift "$SHIFT"
+  key=$KEY value=$VALUE
   case $key in
     --config) CONFIG=$value ;;
     --workdir) WORKDIR=$value ;;

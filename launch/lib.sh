@@ -36,3 +36,16 @@ run() {
     "$@"
   fi
 }
+
+# Splits an option word into KEY and VALUE: `--key=value`, or `--key value` (then SHIFT=1:
+# the caller drops the next word too). A word that is not an option leaves KEY empty.
+read_option() {
+  KEY="" VALUE="" SHIFT=0
+  if [[ $1 == --*=* ]]; then
+    KEY=${1%%=*} VALUE=${1#*=}
+  elif [[ $1 == --* ]]; then
+    KEY=$1
+    (($# > 1)) || die "$KEY needs a value"
+    VALUE=$2 SHIFT=1
+  fi
+}

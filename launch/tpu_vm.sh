@@ -96,18 +96,14 @@ while (($#)); do
     --detach) DETACH=1; continue ;;
     --) EXTRA=("$@"); break ;;
   esac
-  if [[ $arg == --*=* ]]; then
-    key=${arg%%=*} value=${arg#*=}
-  elif [[ $arg == --* ]]; then
-    key=$arg
-    (($#)) || die "$key needs a value"
-    value=$1
-    shift
-  else
+  read_option "$arg" "$@"
+  if [[ -z $KEY ]]; then
     [[ -z $COMMAND ]] || die "unexpected argument '$arg' (overrides for training go after --)"
     COMMAND=$arg
     continue
   fi
+  shift "$SHIFT"
+  key=$KEY value=$VALUE
   case $key in
     --project) PROJECT=$value ;;
     --zone) ZONE=$value ;;

@@ -19,27 +19,14 @@ from dmfnet_jax.data import phantoms
 from conftest import REPO_ROOT
 from test_distributed import child_env, free_port
 
-WORKER = """
-import sys, json, numpy as np
-import dmfnet_jax, jax
-from dmfnet_jax.data import phantoms
-fuser = dmfnet_jax.load(sys.argv[1], batch_size=8)
-pairs = [phantoms.phantom_pair(i, 40, "MRI-PET", seed=5) for i in range(8)]
-from dmfnet_jax.api import prepare, _content_key
-prepared = [(prepare(a), prepare(b)) for a, b in pairs]
-keys = [_content_key(fuser._root, a, b) for a, b in prepared]
-fused = fuser.model.fuse_images([a.model_range for a, _ in prepared],
-                                [b.model_range for _, b in prepared], keys, 8)
-np.save(sys.argv[2], np.stack(fused))
-print(json.dumps({"devices": len(fuser.model.devices)}))
-"""
+PROBE = REPO_ROOT / "tests" / "fuse_probe.py"
 
 
 def _run_worker(checkpoint, out, devices):
   env = child_env()
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-  result = subprocess.run([sys.executable, "-c", WORKER, str(checkpoint), str(out)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+  result = subprocess.run([sys.executable, str(PROBE), str(checkpoint), str(out), "8", "40"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 

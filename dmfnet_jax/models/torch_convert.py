@@ -234,12 +234,22 @@ def _describe_keys(state_dict: Mapping[str, Any], count: int = 4) -> str:
   return ", ".join(keys[:count]) + (f", ... ({len(keys)} keys)" if len(keys) > count else "")
 
 
-def looks_like_head(state_dict: Mapping[str, Any]) -> bool:
-  return "decoder.0.block.0.weight" in state_dict or "rgb_decode1.conv.weight" in state_dict
+_KIND = {True: ("Stage I UNet", "init_conv.weight", "keys init_conv, downs.*"),
+         False: ("Stage II fusion head", "decoder.0.block.0.weight", "keys decoder.*, rgb_decode*")}
 
 
-def looks_like_unet(state_dict: Mapping[str, Any]) -> bool:
-  return "init_conv.weight" in bare_unet_state_dict(state_dict)
+def _check_kind(state_dict: Mapping[str, Any], source: str, *, unet: bool) -> None:
+  """Names what a state_dict is when it is not the part asked for (swapped files, another
+  architecture), before any key-by-key conversion."""
+  name, key, _ = _KIND[unet]
+  if key in state_dict:
+    return
+  other, other_key, other_keys = _KIND[not unet]
+  if other_key in bare_unet_state_dict(state_dict):
+    raise CheckpointError(f"{source} is a {other} ({other_keys}), not a {name}: were --stage1 "
+                          "and --stage2 swapped?")
+  raise CheckpointError(f"{source} is not a DM-FNet {name}: it has no '{key}' "
+                        f"(its keys: {_describe_keys(state_dict)})")
 
 
 def image_size_for_attention(levels: Sequence[int], num_levels: int) -> tuple[int, tuple[int, ...]]:
@@ -265,12 +275,7 @@ def unet_structure_from_torch(state_dict: Mapping[str, Any], *, norm_groups: int
   the in/out channels are all in the weights; the GroupNorm group count is not (its
   parameters have one entry per channel), so it is given (reference: 32)."""
   sd = bare_unet_state_dict(state_dict)
-  if "init_conv.weight" not in sd:
-    if looks_like_head(sd):
-      raise CheckpointError(f"{source} is a Stage II fusion head (keys decoder.*, rgb_decode*), "
-                            "not a Stage I UNet: were --stage1 and --stage2 swapped?")
-    raise CheckpointError(f"{source} is not a DM-FNet Stage I UNet: it has no 'init_conv.weight' "
-                          f"(its keys: {_describe_keys(sd)})")
+  _check_kind(sd, source, unet=True)
   try:
     inner, in_channel = _shape(sd, "init_conv.weight")[:2]
     out_channel = _shape(sd, "final_conv.block.3.weight")[0]
@@ -379,12 +384,7 @@ def head_structure_from_torch(state_dict: Mapping[str, Any], model: Mapping[str,
   and any other count needs `timesteps` given. The decoder features it reads are the
   reference's: the first block of every up level."""
   from dmfnet_jax import config_defaults  # pylint: disable=g-import-not-at-top
-  if "decoder.0.block.0.weight" not in state_dict:
-    if looks_like_unet(state_dict):
-      raise CheckpointError(f"{source} is a Stage I UNet (keys init_conv, downs.*), not a "
-                            "Stage II fusion head: were --stage1 and --stage2 swapped?")
-    raise CheckpointError(f"{source} is not a DM-FNet fusion head: it has no "
-                          f"'decoder.0.block.0.weight' (its keys: {_describe_keys(state_dict)})")
+  _check_kind(state_dict, source, unet=False)
   num_levels = len({int(k.split(".")[1]) for k in state_dict if k.startswith("decoder.")}) // 2
   res_blocks, levels = int(model["res_blocks"]), len(model["channel_mults"])
   if num_levels != levels:
