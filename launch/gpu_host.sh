@@ -60,39 +60,24 @@ GPUS_PER_NODE=${DMFNET_SLURM_GPUS_PER_NODE:-8}
 PARTITION=${DMFNET_SLURM_PARTITION:-}
 ACCOUNT=${DMFNET_SLURM_ACCOUNT:-}
 TIME_LIMIT=${DMFNET_SLURM_TIME:-}
-COMMAND=""
-EXTRA=()
 
-while (($#)); do
-  arg=$1
-  shift
-  case $arg in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; continue ;;
-    --) EXTRA=("$@"); break ;;
+set_option() {  # set_option KEY VALUE
+  case $1 in
+    --config) CONFIG=$2 ;;
+    --workdir) WORKDIR=$2 ;;
+    --gpus) GPUS=$2 ;;
+    --fsdp) FSDP=$2 ;;
+    --python) PYTHON=$2 ;;
+    --nodes) NODES=$2 ;;
+    --gpus-per-node) GPUS_PER_NODE=$2 ;;
+    --partition) PARTITION=$2 ;;
+    --account) ACCOUNT=$2 ;;
+    --time) TIME_LIMIT=$2 ;;
+    *) die "unknown option '$1'" ;;
   esac
-  read_option "$arg" "$@"
-  if [[ -z $KEY ]]; then
-    [[ -z $COMMAND ]] || die "unexpected argument '$arg' (config overrides go after --)"
-    COMMAND=$arg
-    continue
-  fi
-  shift "$SHIFT"
-  key=$KEY value=$VALUE
-  case $key in
-    --config) CONFIG=$value ;;
-    --workdir) WORKDIR=$value ;;
-    --gpus) GPUS=$value ;;
-    --fsdp) FSDP=$value ;;
-    --python) PYTHON=$value ;;
-    --nodes) NODES=$value ;;
-    --gpus-per-node) GPUS_PER_NODE=$value ;;
-    --partition) PARTITION=$value ;;
-    --account) ACCOUNT=$value ;;
-    --time) TIME_LIMIT=$value ;;
-    *) die "unknown option '$key'" ;;
-  esac
-done
+}
+
+parse_arguments "$@"
 COMMAND=${COMMAND:-train}
 
 positive() {  # positive VALUE FLAG

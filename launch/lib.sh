@@ -49,3 +49,32 @@ read_option() {
     VALUE=$2 SHIFT=1
   fi
 }
+
+# Reads the command line into COMMAND (the one word that is not an option), EXTRA (all
+# after `--`, passed on to the training job) and the caller's settings: each option goes to
+# the caller's `set_option KEY VALUE`, each valueless switch to `set_switch WORD` (which
+# returns non-zero for a word that is not one of its switches).
+set_switch() { return 1; }
+
+parse_arguments() {
+  COMMAND="" EXTRA=()
+  local arg
+  while (($#)); do
+    arg=$1
+    shift
+    case $arg in
+      -h|--help) usage; exit 0 ;;
+      --dry-run) DRY_RUN=1; continue ;;
+      --) EXTRA=("$@"); break ;;
+    esac
+    set_switch "$arg" && continue
+    read_option "$arg" "$@"
+    if [[ -z $KEY ]]; then
+      [[ -z $COMMAND ]] || die "unexpected argument '$arg' (config overrides go after --)"
+      COMMAND=$arg
+      continue
+    fi
+    shift "$SHIFT"
+    set_option "$KEY" "$VALUE"
+  done
+}

@@ -78,50 +78,41 @@ REPO_REF=${DMFNET_REPO_REF:-origin/HEAD}
 PYTHON=${DMFNET_PYTHON:-python3}
 SPOT=0
 DETACH=0
-COMMAND=""
-EXTRA=()
 
 REMOTE_DIR="~/dmfnet-jax"  # expanded by the workers' shell
 REMOTE_DATA="~/dmfnet-data"
 REMOTE_LOG="~/dmfnet-train.log"
 REMOTE_PID="~/dmfnet-train.pid"
 
-while (($#)); do
-  arg=$1
-  shift
-  case $arg in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; continue ;;
-    --spot) SPOT=1; continue ;;
-    --detach) DETACH=1; continue ;;
-    --) EXTRA=("$@"); break ;;
+set_switch() {
+  case $1 in
+    --spot) SPOT=1 ;;
+    --detach) DETACH=1 ;;
+    *) return 1 ;;
   esac
-  read_option "$arg" "$@"
-  if [[ -z $KEY ]]; then
-    [[ -z $COMMAND ]] || die "unexpected argument '$arg' (overrides for training go after --)"
-    COMMAND=$arg
-    continue
-  fi
-  shift "$SHIFT"
-  key=$KEY value=$VALUE
-  case $key in
-    --project) PROJECT=$value ;;
-    --zone) ZONE=$value ;;
-    --name) NAME=$value ;;
-    --accelerator|--accelerator-type) ACCELERATOR=$value ;;
-    --runtime|--version) RUNTIME=$value ;;
-    --bucket) BUCKET=$value ;;
-    --run) RUN_NAME=$value ;;
-    --workdir) WORKDIR=$value ;;
-    --config) CONFIG=$value ;;
-    --fsdp) FSDP=$value ;;
-    --data) DATA=$value ;;
-    --repo-url) REPO_URL=$value ;;
-    --ref) REPO_REF=$value ;;
-    --python) PYTHON=$value ;;
-    *) die "unknown option '$key'" ;;
+}
+
+set_option() {  # set_option KEY VALUE
+  case $1 in
+    --project) PROJECT=$2 ;;
+    --zone) ZONE=$2 ;;
+    --name) NAME=$2 ;;
+    --accelerator|--accelerator-type) ACCELERATOR=$2 ;;
+    --runtime|--version) RUNTIME=$2 ;;
+    --bucket) BUCKET=$2 ;;
+    --run) RUN_NAME=$2 ;;
+    --workdir) WORKDIR=$2 ;;
+    --config) CONFIG=$2 ;;
+    --fsdp) FSDP=$2 ;;
+    --data) DATA=$2 ;;
+    --repo-url) REPO_URL=$2 ;;
+    --ref) REPO_REF=$2 ;;
+    --python) PYTHON=$2 ;;
+    *) die "unknown option '$1'" ;;
   esac
-done
+}
+
+parse_arguments "$@"
 
 [[ -n $COMMAND ]] || { usage >&2; exit 2; }
 
