@@ -1,0 +1,33 @@
+"""The fuse-path benchmark scripts run and print what their docstrings promise (small
+sizes here: the figures themselves are taken by hand, see docs/performance.md)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+CASES = {
+    "bench_volume.py": (["--size", "64", "--slices", "6", "--empty", "1"],
+                        {"fused_slices": 4, "skipped_empty_slices": 2}),
+    # A budget below the 256 px estimate forces the tiled path.
+    "bench_large.py": (["--size", "256", "--budget-gb", "0.5"], {"size": 256}),
+}
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_prints_its_json(script, tmp_path):
+  args, expected = CASES[script]
+  env = dict(os.environ, TMPDIR=str(tmp_path))
+  result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / script), *args],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout)
+  for key, value in expected.items():
+    assert report[key] == value, report
+  if script == "bench_large.py":
+    assert report["plan"] != "whole image" and report["plan"]["tiles"] > 1, report
+    assert report["peak_rss_gib"] > 0 and report["output_shape"] == [256, 256, 3]
