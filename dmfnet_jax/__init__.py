@@ -15,7 +15,7 @@ __all__ = ["Fuser", "load", "__version__"]
 
 # XLA:CPU settings the package makes (docs/performance.md): convolutions and matrix
 # products through YNNPACK, about 10% faster than XLA's own kernels on x86 CPUs, with
-# outputs equal to the reference within the parity tolerance (tests/test_performance.py).
+# outputs equal to the reference within the parity tolerance (tests/test_package.py).
 # A flag the user already set is kept; DMFNET_XLA_DEFAULTS=0 turns these off. They apply
 # when JAX starts its CPU backend, so import dmfnet_jax before the first JAX computation.
 XLA_DEFAULTS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution",)

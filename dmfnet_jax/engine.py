@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dmfnet_jax import config_defaults, features, models, validation
+from dmfnet_jax import config_defaults, diffusion, features, models, validation
 from dmfnet_jax.errors import DataError, DmfnetError
 from dmfnet_jax.models import fusion_head as head_lib
 from dmfnet_jax.models import unet as unet_lib
@@ -176,14 +176,12 @@ class FusionModel:
 
     def norm_statistics(unet_params, a, b, g, key):
       """GroupNorm statistics of a whole (downscaled) image, noised at levels `g`."""
-      x0 = jnp.stack([a, b])[:, None, None]  # (2, 1, 1, h, w, 1)
-      scale = g[..., None, None, None]
-      noise = jax.random.normal(key, (2, len(timesteps), 1) + a.shape, x0.dtype)
-      x_t = scale * x0 + jnp.sqrt(1.0 - scale**2) * noise
-      _, state = unet.apply({"params": unet_params}, x_t.reshape((-1,) + a.shape),
-                            g.reshape(-1), decoder_feature_indices=tuple(scales),
-                            mutable=["norm_stats"])
-      return jax.tree.map(lambda v: v, state["norm_stats"])
+      x0 = jnp.broadcast_to(jnp.stack([a, b])[:, None], g.shape[:2] + a.shape).reshape(
+          (-1,) + a.shape)
+      x_t = diffusion.q_sample(x0, g.reshape(-1), jax.random.normal(key, x0.shape, x0.dtype))
+      _, state = unet.apply({"params": unet_params}, x_t, g.reshape(-1),
+                            decoder_feature_indices=tuple(scales), mutable=["norm_stats"])
+      return state["norm_stats"]
 
     # Each batch is split over this process's devices (a multi-host run gives every
     # process its own share of the pairs, so no step needs another host).
@@ -333,10 +331,8 @@ class FusionModel:
         break
       factor *= 2
     small = [_downscale(x, factor, height, width) for x in (a, b)]
-    stats = self._norm_statistics(self.unet_params, *small, g, jax.random.fold_in(key, 1))
-    unwrap = lambda tree: ({k: (v[0] if k == "stats" else unwrap(v)) for k, v in tree.items()}
-                           if isinstance(tree, dict) else tree)
-    return unwrap(jax.device_get(stats))
+    return jax.device_get(self._norm_statistics(self.unet_params, *small, g,
+                                                jax.random.fold_in(key, 1)))
 
 
 def _downscale(image: np.ndarray, factor: int, height: int, width: int) -> np.ndarray:

@@ -189,21 +189,27 @@ def test_one_bad_pair_never_stops_the_batch(micro_stage2_workdir, tmp_path):
   assert "dot.png" in item["pair"] and "1x1 pixels is too small" in item["reason"]
 
 
+def _fuse_command(micro_stage2_workdir, a, b, out, work, *extra):
+  return [sys.executable, "-m", "dmfnet_jax.main",
+          f"--config={REPO_ROOT / 'configs' / 'fuse.py'}", f"--workdir={work}",
+          f"--config.checkpoint={micro_stage2_workdir}", f"--config.fuse.dir_a={a}",
+          f"--config.fuse.dir_b={b}", f"--config.fuse.output_dir={out}",
+          "--config.fuse.batch_size=1", *extra]
+
+
 @pytest.mark.parametrize("mask", [0o027, 0o002])
 def test_outputs_get_the_permissions_of_the_umask(micro_stage2_workdir, tmp_path, mask):
   """Fuse and evaluate, run as a user would (a process with that umask)."""
   a, b = _folder_pairs(tmp_path, count=2)
   work = tmp_path / "w"
-  common = [sys.executable, "-m", "dmfnet_jax.main"]
-  fuse_cmd = common + [f"--config={REPO_ROOT / 'configs' / 'fuse.py'}", f"--workdir={work}",
-                       f"--config.checkpoint={micro_stage2_workdir}", f"--config.fuse.dir_a={a}",
-                       f"--config.fuse.dir_b={b}"]
+  fuse_cmd = _fuse_command(micro_stage2_workdir, a, b, work / "fused", work)
   root = tmp_path / "data"
   phantoms.write_phantom_dataset(root, ["MRI-CT"], "test", count=2, size=32, seed=1)
-  eval_cmd = common + [f"--config={REPO_ROOT / 'configs' / 'evaluate.py'}",
-                       f"--workdir={tmp_path / 'e'}", f"--config.data.root={root}",
-                       "--config.data.tasks=('MRI-CT',)", "--config.evaluate.methods.wavelet=baseline:max",
-                       "--config.evaluate.methods.laplacian=baseline:mean"]
+  eval_cmd = [sys.executable, "-m", "dmfnet_jax.main",
+              f"--config={REPO_ROOT / 'configs' / 'evaluate.py'}", f"--workdir={tmp_path / 'e'}",
+              f"--config.data.root={root}", "--config.data.tasks=('MRI-CT',)",
+              "--config.evaluate.methods.wavelet=baseline:max",
+              "--config.evaluate.methods.laplacian=baseline:mean"]
   for command in (fuse_cmd, eval_cmd):
     # The shell sets the umask, as a user's login would (no fork from this threaded process).
     result = subprocess.run(["sh", "-c", f"umask {mask:03o} && exec \"$@\"", "sh", *command],
@@ -214,14 +220,6 @@ def test_outputs_get_the_permissions_of_the_umask(micro_stage2_workdir, tmp_path
   assert len(files) > 8
   assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(0o666 & ~mask)}
   assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in folders} == {oct(0o777 & ~mask)}
-
-
-def _fuse_command(micro_stage2_workdir, a, b, out, work, *extra):
-  return [sys.executable, "-m", "dmfnet_jax.main",
-          f"--config={REPO_ROOT / 'configs' / 'fuse.py'}", f"--workdir={work}",
-          f"--config.checkpoint={micro_stage2_workdir}", f"--config.fuse.dir_a={a}",
-          f"--config.fuse.dir_b={b}", f"--config.fuse.output_dir={out}",
-          "--config.fuse.batch_size=1", *extra]
 
 
 @pytest.mark.slow

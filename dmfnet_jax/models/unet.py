@@ -77,7 +77,10 @@ class GroupNorm(nn.Module):
     mean = jnp.mean(grouped, axis=axes, keepdims=True)
     mean_sq = jnp.mean(jnp.square(grouped), axis=axes, keepdims=True)
     var = jnp.maximum(mean_sq - mean**2, 0.0)
-    self.sow("norm_stats", "stats", (jnp.squeeze(mean, axes), jnp.squeeze(mean_sq, axes)))
+    # Recorded as the value itself (not sow's default tuple of every call): each layer
+    # runs once per forward.
+    self.sow("norm_stats", "stats", (jnp.squeeze(mean, axes), jnp.squeeze(mean_sq, axes)),
+             init_fn=lambda: None, reduce_fn=lambda _, new: new)
     if self.has_variable("norm_fixed", "stats"):
       fixed_mean, fixed_mean_sq = self.get_variable("norm_fixed", "stats")
       mean = fixed_mean.reshape(mean.shape)
