@@ -4,7 +4,8 @@
 
 Builds a phantom pair of that size, loads the shipped model with the default memory
 budget (half the machine's memory; `--budget-gb` overrides), and prints one JSON object:
-the plan the engine chose (whole image, or tiles: size, overlap, count, tiles per call),
+the plan the engine chose (whole image, or tiles: size, overlap, count, tiles per call,
+attention queries per chunk on the whole image's coarse levels),
 the memory estimate of the untiled image, the seconds of the fuse (compiling included,
 and again once compiled) and the process's peak resident memory.
 """
@@ -46,7 +47,8 @@ def main():
       "untiled_estimate_gib": round(engine.estimate_bytes(
           model.config.model, model.config.fusion, args.size, args.size) / GIB, 2),
       "plan": {"tile": plan.tile, "overlap": plan.overlap, "tiles": len(plan.tiles),
-               "tiles_per_call": plan.per_call} if plan.tile else "whole image",
+               "tiles_per_call": plan.per_call, "coarse_query_chunk": plan.query_chunk}
+              if plan.tile else "whole image",
       "seconds_first": round(first, 1), "output_shape": list(fused.shape),
   }
   if args.repeat:

@@ -4,11 +4,18 @@
 range) and returns the fused ones. Images of one size share one compiled program and
 go through in batches. Before running, the memory an image needs is estimated
 (`estimate_bytes`): activations grow with the pixel count and the attention blocks with
-its square, so a large image would exhaust the machine; such an image is fused in
-overlapping tiles (`plan_tiles`) that share the whole image's noise draw and are blended
-with linear ramps, so no seam shows, or refused with a message when even a small tile
-would not fit. A failure tied to one image is returned in its place, so a batch job can
-report it and carry on.
+its square, so a large image would exhaust the machine. Such an image is fused in
+overlapping tiles (`plan_tiles`), or refused with a message when even a small tile
+would not fit.
+
+Tiles reproduce the whole image's result (within a grey level or two, tested), because
+the layers that see the whole image are computed for the whole image: the UNet's levels
+from its first attention level down (`split_level`; a 4096x4096 image: a 256x256 map)
+run once on the map assembled from every tile's own pixels, with the attention in query
+chunks; the GroupNorm layers of the finer levels use the whole image's statistics,
+summed over the pixels each tile owns; every tile shares the whole image's noise draw;
+the tiles are blended with linear ramps. A failure tied to one image is returned in its
+place, so a batch job can report it and carry on.
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ ACTIVATION_BYTES_PER_CHANNEL_PIXEL = 28.0
 ATTENTION_BYTES_PER_PAIR = 8.0
 # Fixed overhead of a fuse call: parameters, the program, the host copies.
 FIXED_BYTES = 256 * 2**20
+# Rounds of measuring the fine levels' GroupNorm statistics on the tiles (see
+# FusionModel._fuse_tiled): with one, a 512x512 pair in 384 px tiles stays within 2
+# grey levels of the whole image's result (tests/test_engine.py).
+STATISTICS_ROUNDS = 1
 # The share of the machine's memory a fuse job may plan for, when not configured.
 DEFAULT_MEMORY_FRACTION = 0.5
 
@@ -65,29 +76,50 @@ def memory_budget_bytes(fuse_cfg=None) -> int:
   return int(DEFAULT_MEMORY_FRACTION * machine_memory_bytes())
 
 
-def estimate_bytes(model_cfg, fusion_cfg, height: int, width: int, pairs: int = 1) -> int:
-  """Peak memory of fusing `pairs` images of height x width (already a valid size)."""
+def estimate_bytes(model_cfg, fusion_cfg, height: int, width: int, pairs: int = 1, *,
+                   levels: Optional[Sequence[int]] = None, attention_queries: Optional[int] = None,
+                   images: Optional[int] = None) -> int:
+  """Peak memory of fusing `pairs` images of height x width (already a valid size).
+
+  `levels`: the UNet levels the program holds (all by default); `attention_queries`:
+  the queries one attention chunk takes (all positions by default; 0: no attention);
+  `images`: how many UNet inputs are live at once (2 x timesteps x pairs by default)."""
   mults = tuple(model_cfg.channel_mults)
   inner = int(model_cfg.inner_channel)
+  levels = range(len(mults)) if levels is None else tuple(levels)
   pixels = [height * width / 4**level for level in range(len(mults))]
-  channel_pixels = sum(inner * m * p for m, p in zip(mults, pixels))
+  channel_pixels = sum(inner * mults[level] * pixels[level] for level in levels)
   down, up = validation.attention_levels(mults, model_cfg.attn_res, model_cfg.image_size)
-  attention_pairs = max(pixels[level] ** 2 for level in {len(mults) - 1, *down, *up})
-  images = 2 * len(fusion_cfg.timesteps) * pairs
+  attending = {len(mults) - 1, *down, *up} & set(levels)
+  queries = (lambda level: pixels[level]) if attention_queries is None else (
+      lambda level: min(attention_queries, pixels[level]))
+  attention_pairs = max([queries(level) * pixels[level] for level in attending], default=0)
+  if images is None:
+    images = 2 * len(fusion_cfg.timesteps) * pairs
   per_image = (ACTIVATION_BYTES_PER_CHANNEL_PIXEL * channel_pixels
                + ATTENTION_BYTES_PER_PAIR * attention_pairs)
   return int(images * per_image + FIXED_BYTES)
 
 
+def split_level(model_cfg) -> int:
+  """The finest UNet level with a layer that sees the whole map (attention, or the
+  coarsest level's middle block); the levels above it only see local windows."""
+  mults = tuple(model_cfg.channel_mults)
+  down, up = validation.attention_levels(mults, model_cfg.attn_res, model_cfg.image_size)
+  return min({len(mults) - 1, *down, *up})
+
+
 @dataclasses.dataclass(frozen=True)
 class TilePlan:
   """How one padded image is fused: whole (`tile` = None) or in tiles of `tile` px,
-  `per_call` of them at once, overlapping by `overlap` px."""
+  `per_call` of them at once, overlapping by `overlap` px; the whole image's coarse
+  levels then run with `query_chunk` attention queries at a time."""
   height: int
   width: int
   tile: Optional[int] = None
   overlap: int = 0
   per_call: int = 1
+  query_chunk: Optional[int] = None
 
   def starts(self, size: int) -> list[int]:
     if self.tile is None or size <= self.tile:
@@ -95,6 +127,15 @@ class TilePlan:
     step = self.tile - self.overlap
     count = math.ceil((size - self.tile) / step) + 1
     return [min(i * step, size - self.tile) for i in range(count)]
+
+  def owned(self, size: int, multiple: int) -> list[tuple[int, int]]:
+    """The [begin, end) each tile along an axis owns: up to the middle of its overlaps
+    (on the coarsest grid), so every pixel is computed well inside some tile."""
+    starts = self.starts(size)
+    tile = size if self.tile is None else self.tile
+    bounds = [0] + [(following + start + tile) // 2 // multiple * multiple
+                    for start, following in zip(starts, starts[1:])] + [size]
+    return list(zip(bounds, bounds[1:]))
 
   @property
   def tiles(self) -> list[tuple[int, int]]:
@@ -104,24 +145,52 @@ class TilePlan:
 def plan_tiles(model_cfg, fusion_cfg, height: int, width: int, budget: int,
                what: str = "image") -> TilePlan:
   """A plan that fits `budget` bytes for a padded height x width image; DataError when
-  even the smallest tile does not fit."""
+  even the smallest tile, or the whole image's coarse levels, do not fit."""
   if estimate_bytes(model_cfg, fusion_cfg, height, width) <= budget:
     return TilePlan(height, width)
-  multiple = 2**(len(model_cfg.channel_mults) - 1)
-  smallest = validation.valid_fusion_side(1, len(model_cfg.channel_mults))
+  levels = len(model_cfg.channel_mults)
+  split = split_level(model_cfg)
+  if split == 0:
+    need = estimate_bytes(model_cfg, fusion_cfg, height, width) / 2**30
+    raise DataError(f"{what}: needs about {need:.1f} GiB, more than the memory budget of "
+                    f"{budget / 2**30:.1f} GiB (fuse.memory_budget_gb), and this model attends "
+                    "at full resolution, so it cannot be tiled")
+  tile_bytes = lambda side: estimate_bytes(model_cfg, fusion_cfg, side, side, attention_queries=0)
+  multiple = 2**(levels - 1)
+  smallest = validation.valid_fusion_side(1, levels)
   tile = (min(height, width) // multiple) * multiple
-  while tile > smallest and estimate_bytes(model_cfg, fusion_cfg, tile, tile) > budget:
+  while tile > smallest and tile_bytes(tile) > budget:
     tile -= multiple
-  if estimate_bytes(model_cfg, fusion_cfg, tile, tile) > budget:
-    need = estimate_bytes(model_cfg, fusion_cfg, tile, tile) / 2**30
-    raise DataError(f"{what}: even a {tile}x{tile} tile needs about {need:.1f} GiB, more than "
-                    f"the memory budget of {budget / 2**30:.1f} GiB (fuse.memory_budget_gb)")
-  # Wide overlaps keep a tile's GroupNorm statistics and attention close to the whole
-  # image's; a quarter of the tile, at least one coarsest-level cell on each side.
+  if tile_bytes(tile) > budget:
+    raise DataError(f"{what}: even a {tile}x{tile} tile needs about "
+                    f"{tile_bytes(tile) / 2**30:.1f} GiB, more than the memory budget of "
+                    f"{budget / 2**30:.1f} GiB (fuse.memory_budget_gb)")
+  query_chunk = _query_chunk(model_cfg, fusion_cfg, height, width, split, budget)
+  if query_chunk is None:
+    need = estimate_bytes(model_cfg, fusion_cfg, height, width, levels=range(split, levels),
+                          attention_queries=width // 2**split, images=1)
+    raise DataError(f"{what}: the whole image's coarse levels need about {need / 2**30:.1f} GiB "
+                    f"even in chunks, more than the memory budget of {budget / 2**30:.1f} GiB "
+                    "(fuse.memory_budget_gb)")
+  # A quarter of the tile (at least one coarsest-level cell) on each side: the pixels a
+  # tile owns lie at least an eighth of a tile from its cut edges.
   overlap = max(multiple, (tile // 4) // multiple * multiple)
-  per_tile = estimate_bytes(model_cfg, fusion_cfg, tile, tile) - FIXED_BYTES
-  per_call = max(1, int((budget - FIXED_BYTES) // max(per_tile, 1)))
-  return TilePlan(height, width, tile, overlap, per_call)
+  per_call = max(1, int((budget - FIXED_BYTES) // max(tile_bytes(tile) - FIXED_BYTES, 1)))
+  return TilePlan(height, width, tile, overlap, per_call, query_chunk)
+
+
+def _query_chunk(model_cfg, fusion_cfg, height: int, width: int, split: int,
+                 budget: int) -> Optional[int]:
+  """The most attention queries (whole rows of the split level's map) per chunk with
+  which the whole image's coarse levels fit `budget`, one image at a time; None if
+  even one row does not fit."""
+  rows, cols = height // 2**split, width // 2**split
+  levels = range(split, len(model_cfg.channel_mults))
+  for per_chunk in sorted((r for r in range(1, rows + 1) if rows % r == 0), reverse=True):
+    if estimate_bytes(model_cfg, fusion_cfg, height, width, levels=levels,
+                      attention_queries=per_chunk * cols, images=1) <= budget:
+      return per_chunk * cols
+  return None
 
 
 def _ramp(length: int, overlap: int, before: bool, after: bool) -> np.ndarray:
@@ -164,15 +233,57 @@ class FusionModel:
     def noisy(a, b, key):  # the whole image's noise draw, as fuse_one makes it
       return features.noisy_inputs(a[None], b[None], key, sqrt_acp_prev, timesteps)
 
-    def fuse_noisy(unet_params, head_params, x_t, g, norm_fixed):
-      """Tiles (S, T, n, h, w, 1) normalised with the whole image's statistics."""
-      flat = x_t.reshape((-1,) + x_t.shape[3:])
-      fixed = jax.tree.map(lambda a: jnp.repeat(a, x_t.shape[2], axis=0), norm_fixed)
-      feats = unet.apply({"params": unet_params, "norm_fixed": fixed}, flat, g.reshape(-1),
-                         decoder_feature_indices=tuple(scales))
-      feats = [f.reshape(x_t.shape[:3] + f.shape[1:]) for f in feats]
-      return head.apply({"params": head_params},
-                        head_lib.order_features_coarse_to_fine(feats, scales))
+    self.split_level = split_at = split_level(self.config.model)
+    num_up_blocks = len(unet_lib.decoder_channels(self.config.model))
+
+    def unet_variables(unet_params, stats, tiles):
+      """The UNet's variables with the whole image's statistics for each of its tiles
+      (None: each tile's own)."""
+      if stats is None:
+        return {"params": unet_params}
+      return {"params": unet_params,
+              "norm_fixed": jax.tree.map(lambda a: jnp.repeat(a, tiles, axis=0), stats)}
+
+    def fine_down(unet_params, x_t, g, stats):
+      """The map entering the split level, of tiles (2T, n, h, w, 1)."""
+      h = unet.apply(unet_variables(unet_params, stats, x_t.shape[1]),
+                     x_t.reshape((-1,) + x_t.shape[2:]), g.repeat(x_t.shape[1]),
+                     part="fine_down", split_level=split_at)
+      return h.reshape(x_t.shape[:2] + h.shape[1:])
+
+    def fine_statistics(unet_params, head_params, x_t, g, stats, pooled, coarse_out,
+                        coarse_features, owned):
+      """Sums over the pixels each tile owns (`owned`: (n, 4) rows and columns) of the
+      fine levels' GroupNorm statistics and of the head's channel-attention inputs."""
+      (unet_maps, head_maps) = fine_fuse(unet_params, head_params, x_t, g, stats, pooled,
+                                         coarse_out, coarse_features, record=True)
+      sums = lambda maps: jax.tree.map(lambda m: _owned_sums(m, owned, x_t.shape[2]), maps)
+      return sums(unet_maps), sums(head_maps)
+
+    def fine_fuse(unet_params, head_params, x_t, g, stats, pooled, coarse_out,
+                  coarse_features, record=False):
+      """Fused tiles (n, h, w, 1) from their noised inputs (2T, n, h, w, 1) and the
+      coarse levels' crops; with `record`, the per-pixel maps `fine_statistics` sums."""
+      flat = lambda a: a.reshape((-1,) + a.shape[2:])
+      fine = unet.apply(unet_variables(unet_params, stats, x_t.shape[1]),
+                        flat(x_t), g.repeat(x_t.shape[1]), part="fine_up",
+                        split_level=split_at, coarse_out=flat(coarse_out),
+                        decoder_feature_indices=tuple(scales),
+                        mutable=["norm_maps"] if record else False)
+      if record:
+        fine, unet_maps = fine
+      forward = [flat(f) for f in coarse_features] + list(fine)
+      lead = (2, len(timesteps), x_t.shape[1])
+      feats = [forward[num_up_blocks - 1 - s] for s in scales]
+      feats = [f.reshape(lead + f.shape[1:]) for f in feats]
+      variables = {"params": head_params}
+      if pooled is not None:
+        variables["pool_fixed"] = pooled
+      out = head.apply(variables, head_lib.order_features_coarse_to_fine(feats, scales),
+                       mutable=["pool_maps"] if record else False)
+      if record:
+        return unet_maps["norm_maps"], out[1]["pool_maps"]
+      return out
 
     def norm_statistics(unet_params, a, b, g, key):
       """GroupNorm statistics of a whole (downscaled) image, noised at levels `g`."""
@@ -183,6 +294,15 @@ class FusionModel:
                             decoder_feature_indices=tuple(scales), mutable=["norm_stats"])
       return state["norm_stats"]
 
+    def coarse(unet_params, h, g, query_chunk):
+      """The whole image's coarse levels, one UNet input after another."""
+      coarse_unet = unet.clone(attention_query_chunk=query_chunk)
+      def one(args):
+        out, feats = coarse_unet.apply({"params": unet_params}, args[0][None], args[1][None],
+                                       part="coarse", split_level=split_at)
+        return out[0], [f[0] for f in feats]
+      return jax.lax.map(one, (h, g))
+
     # Each batch is split over this process's devices (a multi-host run gives every
     # process its own share of the pairs, so no step needs another host).
     self.devices = jax.local_devices()
@@ -192,7 +312,10 @@ class FusionModel:
     self._fuse = jax.jit(fuse_batch, in_shardings=(whole, whole, split, split, split),
                          out_shardings=split)
     self._noisy = jax.jit(noisy)
-    self._fuse_noisy = jax.jit(fuse_noisy)
+    self._fine_down = jax.jit(fine_down)
+    self._fine_statistics = jax.jit(fine_statistics)
+    self._fine_fuse = jax.jit(fine_fuse, static_argnames="record")
+    self._coarse = jax.jit(coarse, static_argnums=3)
     self._norm_statistics = jax.jit(norm_statistics)
 
   def __call__(self, a: np.ndarray, b: np.ndarray, keys: jax.Array) -> np.ndarray:
@@ -288,27 +411,43 @@ class FusionModel:
 
   def _fuse_tiled(self, a: np.ndarray, b: np.ndarray, key: jax.Array, plan: TilePlan
                   ) -> np.ndarray:
-    """One image in overlapping tiles blended with ramps.
+    """One image in overlapping tiles, as the whole image would be fused (module doc).
 
-    The tiles share the whole image's noise draw, and their GroupNorm layers use the
-    whole image's statistics, estimated on a downscaled copy that fits the budget (a
-    tile's own statistics shift its intensities: about 6% of pixels more than 2 grey
-    levels off at 512x512 in 384 px tiles, against 0.5% with shared statistics)."""
+    The fine levels' GroupNorm statistics start from a downscaled copy's and are then
+    measured on the tiles themselves (STATISTICS_ROUNDS times): each round sums, over
+    the pixels each tile owns, the statistics its layers see with the previous round's,
+    which makes them the whole image's layer after layer."""
     a_pad, crop = features.pad_to_valid(a[None, ..., None], self.num_levels)
     b_pad, _ = features.pad_to_valid(b[None, ..., None], self.num_levels)
     x_t, g = self._noisy(a_pad[0], b_pad[0], key)  # (2, T, 1, H, W, 1), (2, T, 1)
     stats = self._whole_image_statistics(a_pad[0, ..., 0], b_pad[0, ..., 0], g, key)
-    x_t = np.asarray(x_t)
+    x_t = np.asarray(x_t)[:, :, 0]
+    x_t = x_t.reshape((-1,) + x_t.shape[2:])  # (2T, H, W, 1)
+    g = jnp.reshape(g, (-1,))
+    pooled = None  # the head's channel attention: each tile's own mean at first
+    for _ in range(STATISTICS_ROUNDS):
+      coarse_out, coarse_features = self._coarse_levels(x_t, g, stats, plan)
+      sums = None
+      for chunk, crops, owned in self._tile_batches(x_t, plan):
+        part = jax.device_get(self._fine_statistics(
+            self.unet_params, self.head_params, crops, g, stats, pooled,
+            _crop_tiles(coarse_out, chunk, plan),
+            [_crop_tiles(f, chunk, plan) for f in coarse_features], owned))
+        sums = part if sums is None else jax.tree.map(np.add, sums, part)
+      mean = lambda total: total[0] / total[1]
+      stats = jax.tree.map(lambda total: (mean(total)[..., 0], mean(total)[..., 1]), sums[0],
+                           is_leaf=_is_sum)
+      pooled = jax.tree.map(lambda total: mean(total).reshape(1, 1, 1, -1), sums[1],
+                            is_leaf=_is_sum)
+    coarse_out, coarse_features = self._coarse_levels(x_t, g, stats, plan)
     total = np.zeros((plan.height, plan.width), np.float64)
     weight = np.zeros_like(total)
     tile, overlap = plan.tile, plan.overlap
-    tiles = plan.tiles
-    for start in range(0, len(tiles), plan.per_call):
-      chunk = tiles[start:start + plan.per_call]
-      filled = chunk + [chunk[-1]] * (plan.per_call - len(chunk))
-      crops = np.concatenate([x_t[:, :, :, y:y + tile, x:x + tile] for y, x in filled], axis=2)
-      out = np.asarray(self._fuse_noisy(self.unet_params, self.head_params, crops,
-                                        jnp.repeat(g, len(filled), axis=2), stats))
+    for chunk, crops, _ in self._tile_batches(x_t, plan):
+      out = np.asarray(self._fine_fuse(
+          self.unet_params, self.head_params, crops, g, stats, pooled,
+          _crop_tiles(coarse_out, chunk, plan),
+          [_crop_tiles(f, chunk, plan) for f in coarse_features]))
       for position, (y, x) in enumerate(chunk):
         w = np.outer(_ramp(tile, overlap, y > 0, y + tile < plan.height),
                      _ramp(tile, overlap, x > 0, x + tile < plan.width))
@@ -316,6 +455,43 @@ class FusionModel:
         weight[y:y + tile, x:x + tile] += w
     blended = (total / weight).astype(np.float32)[None, ..., None]
     return np.asarray(features.crop_back(blended, crop))[0, ..., 0]
+
+  def _tile_batches(self, x_t: np.ndarray, plan: TilePlan):
+    """(tiles, their noised inputs (2T, n, tile, tile, 1), the rows and columns each owns
+    relative to itself (n, 4)), `plan.per_call` tiles at a time (the last batch filled
+    up with repeats that own nothing)."""
+    multiple = 2**(self.num_levels - 1)
+    rows = dict(zip(plan.starts(plan.height), plan.owned(plan.height, multiple)))
+    cols = dict(zip(plan.starts(plan.width), plan.owned(plan.width, multiple)))
+    tiles, tile = plan.tiles, plan.tile
+    for start in range(0, len(tiles), plan.per_call):
+      chunk = tiles[start:start + plan.per_call]
+      filled = chunk + [chunk[-1]] * (plan.per_call - len(chunk))
+      crops = np.stack([x_t[:, y:y + tile, x:x + tile] for y, x in filled], axis=1)
+      owned = np.asarray([(rows[y][0] - y, rows[y][1] - y, cols[x][0] - x, cols[x][1] - x)
+                          for y, x in chunk] + [(0, 0, 0, 0)] * (len(filled) - len(chunk)),
+                         np.int32)
+      yield filled, crops, owned
+
+  def _coarse_levels(self, x_t: np.ndarray, g: jax.Array, stats, plan: TilePlan):
+    """The coarse levels of the whole image, from the split-level map each tile owns:
+    (the last coarse decoder output, the coarse decoder features), (2T, h, w, c) each."""
+    scale = 2**self.split_level
+    multiple = 2**(self.num_levels - 1)
+    rows = dict(zip(plan.starts(plan.height), plan.owned(plan.height, multiple)))
+    cols = dict(zip(plan.starts(plan.width), plan.owned(plan.width, multiple)))
+    assembled = None
+    for chunk, crops, _ in self._tile_batches(x_t, plan):
+      maps = np.asarray(self._fine_down(self.unet_params, crops, g, stats))
+      if assembled is None:
+        assembled = np.zeros((maps.shape[0], plan.height // scale, plan.width // scale,
+                              maps.shape[-1]), maps.dtype)
+      for position, (y, x) in enumerate(chunk):
+        (y0, y1), (x0, x1) = rows[y], cols[x]
+        assembled[:, y0 // scale:y1 // scale, x0 // scale:x1 // scale] = maps[
+            :, position, (y0 - y) // scale:(y1 - y) // scale, (x0 - x) // scale:(x1 - x) // scale]
+    coarse_out, coarse_features = self._coarse(self.unet_params, assembled, g, plan.query_chunk)
+    return np.asarray(coarse_out), [np.asarray(f) for f in coarse_features]
 
   def _whole_image_statistics(self, a: np.ndarray, b: np.ndarray, g: jax.Array,
                               key: jax.Array):
@@ -333,6 +509,32 @@ class FusionModel:
     small = [_downscale(x, factor, height, width) for x in (a, b)]
     return jax.device_get(self._norm_statistics(self.unet_params, *small, g,
                                                 jax.random.fold_in(key, 1)))
+
+
+def _crop_tiles(whole: np.ndarray, tiles: Sequence[tuple[int, int]], plan: TilePlan
+                ) -> np.ndarray:
+  """(2T, n, ...) crops of a (2T, h, w, c) map of the whole image at the tiles."""
+  scale = plan.height // whole.shape[1]
+  side = plan.tile // scale
+  return np.stack([whole[:, y // scale:y // scale + side, x // scale:x // scale + side]
+                   for y, x in tiles], axis=1)
+
+
+def _owned_sums(maps: jax.Array, owned: jax.Array, tile: int):
+  """(sums over the pixels the tiles own, their count) of per-pixel maps
+  (k * n, h, w, ...) of k images' n tiles each; owned: (n, 4) rows and columns."""
+  tiles = owned.shape[0]
+  maps = maps.reshape((-1, tiles) + maps.shape[1:])
+  scale = tile // maps.shape[2]
+  inside = lambda size, begin, end: ((jnp.arange(size)[None] * scale >= owned[:, begin:begin + 1])
+                                     & (jnp.arange(size)[None] * scale < owned[:, end:end + 1]))
+  mask = (inside(maps.shape[2], 0, 1)[:, :, None]
+          & inside(maps.shape[3], 2, 3)[:, None, :]).astype(jnp.float32)  # (n, h, w)
+  return jnp.einsum("knhw...,nhw->k...", maps.astype(jnp.float32), mask), jnp.sum(mask)
+
+
+def _is_sum(node) -> bool:
+  return isinstance(node, tuple) and len(node) == 2 and not isinstance(node[0], tuple)
 
 
 def _downscale(image: np.ndarray, factor: int, height: int, width: int) -> np.ndarray:

@@ -45,11 +45,20 @@ def test_an_8192_pair_gets_a_plan_on_a_24_gib_machine(preset):
   budget = int(engine.DEFAULT_MEMORY_FRACTION * 24 * GIB)
   plan = engine.plan_tiles(model, fusion, 8192, 8192, budget)
   assert plan.tile is not None and plan.tile < 8192 and plan.tile % 16 == 0
-  assert engine.estimate_bytes(model, fusion, plan.tile, plan.tile) <= budget
+  assert engine.estimate_bytes(model, fusion, plan.tile, plan.tile, attention_queries=0) <= budget
+  # The whole image's coarse levels (from level 4: a 512x512 map) in attention chunks.
+  assert engine.split_level(model) == 4 and 0 < plan.query_chunk < 512 * 512
+  assert engine.estimate_bytes(model, fusion, 8192, 8192, levels=range(4, 5), images=1,
+                               attention_queries=plan.query_chunk) <= budget
   covered = np.zeros((8192, 8192), bool)
+  owned = np.zeros((8192, 8192), int)
+  rows, cols = (dict(zip(plan.starts(8192), plan.owned(8192, 16))) for _ in range(2))
   for y, x in plan.tiles:
     covered[y:y + plan.tile, x:x + plan.tile] = True
-  assert covered.all() and plan.overlap >= 16
+    (y0, y1), (x0, x1) = rows[y], cols[x]
+    assert y <= y0 < y1 <= y + plan.tile and x <= x0 < x1 <= x + plan.tile
+    owned[y0:y1, x0:x1] += 1
+  assert covered.all() and (owned == 1).all() and plan.overlap >= 16
   assert engine.plan_tiles(model, fusion, 256, 256, budget).tile is None
 
 
@@ -60,23 +69,38 @@ def test_an_impossible_budget_is_a_clear_refusal():
     engine.plan_tiles(model, fusion, 512, 512, engine.FIXED_BYTES + 1, "a.png")
 
 
-def test_tiles_stay_close_to_the_whole_image():
+def test_a_model_attending_at_full_resolution_is_not_tiled():
+  model = config_defaults.model_config("tiny")
+  model.attn_res = (64,)  # image_size 64: level 0 attends
+  assert engine.split_level(model) == 0
+  with pytest.raises(DataError, match="a.png: .*attends at full resolution, so it cannot be "
+                     "tiled"):
+    engine.plan_tiles(model, config_defaults.fusion_config(), 512, 512, 2**30, "a.png")
+
+
+@pytest.mark.parametrize("task, within_2, mean", [("MRI-PET", 0.999, 0.2),
+                                                   ("MRI-CT", 0.99, 0.3)])
+def test_tiles_stay_close_to_the_whole_image(task, within_2, mean):
   """The shipped model on a 512x512 pair, tiled (a small budget forces it) and whole.
 
-  Tiles cannot be exact: the UNet's GroupNorm statistics and its coarsest level's
-  attention span the whole image. Shared (downscaled) statistics keep 99% of the pixels
-  within 2 grey levels (measured: 99.7%, mean 0.23, max 4); the ramps leave no seam.
-  Even the whole image's exact statistics leave a tile's attention blind to the rest of
-  the image (measured with them: 99.99%, max 3 here; 98.9%, max 8 on an MRI-CT pair)."""
-  mri, pet = phantoms.phantom_pair(3, size=512, task="MRI-PET", seed=4)
+  The coarse levels, attention included, run on the whole image and the head pools
+  over the whole image, so only the finer levels' GroupNorm statistics are estimated
+  (downscaled copy, then one round measured on the tiles). Measured: MRI-PET 99.98% of
+  the pixels within 2 grey levels, mean 0.15, max 4; MRI-CT 99.4%, mean 0.23, max 11
+  (tiles that each attended and normalised on their own: 99.7% / 0.23 / 4 and
+  98.1% / 0.34 / 22). With the exact statistics the MRI-PET pair is within 2 everywhere.
+  The ramps leave no seam."""
+  mri, other = phantoms.phantom_pair(3, size=512, task=task, seed=4)
   whole = dmfnet_jax.load(batch_size=1)
-  budget = engine.estimate_bytes(whole.config.model, whole.config.fusion, 384, 384) / GIB
+  budget = engine.estimate_bytes(whole.config.model, whole.config.fusion, 384, 384,
+                                 attention_queries=0) / GIB
   tiled = dmfnet_jax.load(batch_size=1, memory_budget_gb=budget)
   plan = tiled.model.plan(512, 512)
   assert plan.tile == 384 and len(plan.tiles) == 4
-  a, b = (imageio.rgb_to_ycrcb(f.fuse(mri, pet))[..., 0].astype(int) for f in (whole, tiled))
+  luma = lambda image: imageio.rgb_to_ycrcb(image)[..., 0] if image.ndim == 3 else image
+  a, b = (luma(f.fuse(mri, other)).astype(int) for f in (whole, tiled))
   difference = np.abs(a - b)[16:-16, 16:-16]
-  assert (difference <= 2).mean() >= 0.99 and difference.mean() <= 0.5, (
+  assert (difference <= 2).mean() >= within_2 and difference.mean() <= mean, (
       difference.max(), difference.mean(), (difference <= 2).mean())
   # No seam: across the tiles' edges the tiled result changes as smoothly as elsewhere.
   residual = (b - a).astype(float)

@@ -110,6 +110,46 @@ def test_rejects_bad_decoder_indices():
                                       decoder_feature_indices=[6]))
 
 
+def test_the_three_parts_compose_to_the_whole_network():
+  """Tiled fusion runs the UNet as fine_down -> coarse -> fine_up around a level: the
+  same decoder features as one call (TINY attends at level 2, inside the coarse part)."""
+  model = unet_lib.unet_from_config(TINY)
+  params = random_params(TINY)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 1), minval=-1, maxval=1)
+  g = jnp.array([0.3, 0.9])
+  assert unet_lib.validation.attention_levels((1, 1, 1, 1, 2), (16,), 64) == ((2,), (2,))
+
+  @jax.jit
+  def run(params):
+    whole = model.apply({"params": params}, x, g, decoder_feature_indices=FEAT_SCALES)
+    h = model.apply({"params": params}, x, g, part="fine_down", split_level=2)
+    coarse_out, coarse = model.apply({"params": params}, h, g, part="coarse", split_level=2)
+    fine = model.apply({"params": params}, x, g, part="fine_up", split_level=2,
+                       coarse_out=coarse_out, decoder_feature_indices=FEAT_SCALES)
+    forward = list(coarse) + list(fine)
+    return whole, [forward[14 - i] for i in FEAT_SCALES], h.shape, len(coarse)
+
+  whole, parts, h_shape, coarse_blocks = run(params)
+  assert h_shape == (2, 8, 8, 32) and coarse_blocks == 9  # levels 2-4, 3 blocks each
+  for a, b in zip(whole, parts):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  with pytest.raises(ValueError, match="split_level"):
+    model.apply({"params": params}, x, g, part="fine_down", split_level=5)
+  with pytest.raises(ValueError, match="coarse_out"):
+    model.apply({"params": params}, x, g, part="fine_up", split_level=2)
+
+
+@pytest.mark.parametrize("chunk", [5, 12, 48])
+def test_attention_in_query_chunks_is_the_same_attention(chunk):
+  """Chunks that do not divide the 48 positions are filled up and cut back."""
+  layer = unet_lib.SelfAttention(4)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 6, 16))
+  params = layer.init(jax.random.PRNGKey(1), x)
+  whole = layer.apply(params, x)
+  chunked = layer.clone(query_chunk=chunk).apply(params, x)
+  np.testing.assert_allclose(chunked, whole, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def parity(parity_root):
   pytest.importorskip("torch")

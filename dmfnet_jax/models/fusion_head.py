@@ -129,8 +129,15 @@ class CrossModalAttention(nn.Module):
 
   @nn.compact
   def __call__(self, s):
-    # Channel attention: global average pool -> 1x1 bottleneck.
+    # Channel attention: global average pool -> 1x1 bottleneck. Tiled fusion
+    # (dmfnet_jax.engine) adds `s` up over the pixels each tile owns (`pool_maps`) and
+    # gives every tile the whole image's mean (`pool_fixed`).
     pooled = jnp.mean(s, axis=(1, 2), keepdims=True)
+    if self.is_mutable_collection("pool_maps"):
+      self.sow("pool_maps", "mean", s, init_fn=lambda: None, reduce_fn=lambda _, new: new)
+    if self.has_variable("pool_fixed", "mean"):
+      pooled = jnp.broadcast_to(self.get_variable("pool_fixed", "mean"),
+                                pooled.shape).astype(pooled.dtype)
     ca = nn.relu(_Conv(self.dim // CHANNEL_REDUCTION, 1, dtype=self.dtype, name="ca0")(pooled))
     ca = _Conv(self.dim, 1, dtype=self.dtype, name="ca2")(ca)
     # Spatial attention: [mean, max] over channels -> 7x7 reflect-padded conv.

@@ -58,8 +58,8 @@ class GroupNorm(nn.Module):
 
   Tiled fusion (dmfnet_jax.engine) needs the statistics of the whole image rather than
   of a tile: with `sow_stats` the layer records its per-group (mean, mean of squares)
-  in the `norm_stats` collection, and when a `norm_fixed` variable `stats` is given it
-  normalises with those instead of its input's."""
+  in the `norm_stats` collection (per pixel in `norm_maps`), and when a `norm_fixed`
+  variable `stats` is given it normalises with those instead of its input's."""
   groups: int
   epsilon: float = GROUP_NORM_EPS
 
@@ -81,6 +81,12 @@ class GroupNorm(nn.Module):
     # runs once per forward.
     self.sow("norm_stats", "stats", (jnp.squeeze(mean, axes), jnp.squeeze(mean_sq, axes)),
              init_fn=lambda: None, reduce_fn=lambda _, new: new)
+    if self.is_mutable_collection("norm_maps"):
+      # Per pixel, the group's mean and mean of squares: a tiled run adds them up over
+      # the pixels each tile owns, which gives the whole image's statistics.
+      self.sow("norm_maps", "stats",
+               jnp.stack([jnp.mean(grouped, -1), jnp.mean(jnp.square(grouped), -1)], -1),
+               init_fn=lambda: None, reduce_fn=lambda _, new: new)
     if self.has_variable("norm_fixed", "stats"):
       fixed_mean, fixed_mean_sq = self.get_variable("norm_fixed", "stats")
       mean = fixed_mean.reshape(mean.shape)
@@ -156,9 +162,14 @@ class ResnetBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-  """One-head self-attention over all positions, logits scaled by 1/sqrt(channels)."""
+  """One-head self-attention over all positions, logits scaled by 1/sqrt(channels).
+
+  The logits grow with the square of the positions (a 512x512 map: 256 GiB); with
+  `query_chunk` the queries go through in chunks of that many positions, one after
+  another, each against every key: the same numbers in chunk x positions memory."""
   groups: int
   dtype: Dtype = jnp.float32
+  query_chunk: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -167,10 +178,23 @@ class SelfAttention(nn.Module):
     qkv = _conv(3 * channels, 1, use_bias=False, dtype=self.dtype, name="qkv")(normed)
     qkv = qkv.reshape(batch, height * width, 3 * channels)
     query, key, value = jnp.split(qkv, 3, axis=-1)
-    logits = jnp.einsum("bqc,bkc->bqk", query, key,
-                        preferred_element_type=jnp.float32) / math.sqrt(channels)
-    weights = jax.nn.softmax(logits, axis=-1)
-    attended = jnp.einsum("bqk,bkc->bqc", weights.astype(value.dtype), value)
+
+    def attend(query):
+      logits = jnp.einsum("bqc,bkc->bqk", query, key,
+                          preferred_element_type=jnp.float32) / math.sqrt(channels)
+      weights = jax.nn.softmax(logits, axis=-1)
+      return jnp.einsum("bqk,bkc->bqc", weights.astype(value.dtype), value)
+
+    positions = height * width
+    chunk = self.query_chunk
+    if chunk and chunk < positions:
+      count = -(-positions // chunk)  # the last chunk filled up with zero queries
+      padded = jnp.pad(query, ((0, 0), (0, count * chunk - positions), (0, 0)))
+      chunks = padded.reshape(batch, count, chunk, channels).swapaxes(0, 1)
+      attended = jax.lax.map(attend, chunks).swapaxes(0, 1).reshape(batch, -1, channels)
+      attended = attended[:, :positions]
+    else:
+      attended = attend(query)
     attended = attended.reshape(batch, height, width, channels)
     out = _conv(channels, 1, dtype=self.dtype, name="out")(attended)
     return out + x.astype(out.dtype)
@@ -182,6 +206,7 @@ class ResnetBlocWithAttn(nn.Module):
   dropout: float = 0.0
   with_attn: bool = False
   dtype: Dtype = jnp.float32
+  attention_query_chunk: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: Optional[jax.Array],
@@ -189,7 +214,8 @@ class ResnetBlocWithAttn(nn.Module):
     x = ResnetBlock(self.features, self.groups, self.dropout, dtype=self.dtype,
                     name="res_block")(x, temb, train)
     if self.with_attn:
-      x = SelfAttention(self.groups, dtype=self.dtype, name="attn")(x)
+      x = SelfAttention(self.groups, dtype=self.dtype, query_chunk=self.attention_query_chunk,
+                        name="attn")(x)
     return x
 
 
@@ -249,12 +275,18 @@ class _UpsampleConv3x3(nn.Module):
     return up.reshape(batch, 2 * height, 2 * width, self.features) + bias.astype(self.dtype)
 
 
+# The pieces `UNet(part=...)` computes; see the class docstring.
+PARTS = ("fine_down", "coarse", "fine_up")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layer:
   """One entry of the reference's flat `downs`/`ups` list."""
   kind: str  # "res", "down" or "up"
   features: int
   with_attn: bool = False
+  # The level (0 = full resolution) the layer reads; a sampler writes the next one.
+  level: int = 0
 
 
 def _layout(inner_channel: int, channel_mults: Sequence[int], attn_res: Sequence[int],
@@ -265,14 +297,14 @@ def _layout(inner_channel: int, channel_mults: Sequence[int], attn_res: Sequence
   downs, ups = [], []
   for level in range(levels):
     width = inner_channel * channel_mults[level]
-    downs += [_Layer("res", width, level in down_attn)] * res_blocks
+    downs += [_Layer("res", width, level in down_attn, level)] * res_blocks
     if level != levels - 1:
-      downs.append(_Layer("down", width))
+      downs.append(_Layer("down", width, level=level))
   for level in reversed(range(levels)):
     width = inner_channel * channel_mults[level]
-    ups += [_Layer("res", width, level in up_attn)] * (res_blocks + 1)
+    ups += [_Layer("res", width, level in up_attn, level)] * (res_blocks + 1)
     if level != 0:
-      ups.append(_Layer("up", width))
+      ups.append(_Layer("up", width, level=level))
   return downs, ups
 
 
@@ -286,6 +318,13 @@ class UNet(nn.Module):
     * `decoder_feature_indices=[...]` (indices into the reversed decoder list): only
       those features, in the given order; nothing after the last needed up-path block
       is computed (no remaining full-resolution blocks, no final_conv).
+    * `part=` with `split_level=s` (tiled fusion, dmfnet_jax.engine): the network in
+      three pieces around level s, the first level computed for the whole image.
+      "fine_down": the map entering level s; "coarse" (given that map): (the output of
+      the last decoder block at level s, those decoder features in forward order);
+      "fine_up" (given the image and `coarse_out`): the remaining decoder features in
+      forward order. Levels below s only ever see a local window (convolutions), so
+      they can run tile by tile; the global layers (attention) sit at level s or below.
   Features are in the compute dtype. Dropout draws from the 'dropout' rng when train.
   """
   in_channel: int = MODEL_DEFAULTS["in_channel"]
@@ -299,6 +338,8 @@ class UNet(nn.Module):
   image_size: int = MODEL_DEFAULTS["image_size"]
   with_noise_level_emb: bool = MODEL_DEFAULTS["with_noise_level_emb"]
   dtype: Dtype = jnp.float32
+  # Attention queries per chunk (None: all at once); see SelfAttention.
+  attention_query_chunk: Optional[int] = None
 
   def layout(self) -> tuple[list[_Layer], list[_Layer]]:
     return _layout(self.inner_channel, tuple(self.channel_mults), tuple(self.attn_res),
@@ -307,10 +348,22 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, noise_level: jax.Array, *, train: bool = False,
                return_features: bool = False,
-               decoder_feature_indices: Optional[Sequence[int]] = None):
-    if x.ndim != 4 or x.shape[-1] != self.in_channel:
-      raise ValueError(f"UNet expects (B, H, W, {self.in_channel}) input, got {x.shape}")
+               decoder_feature_indices: Optional[Sequence[int]] = None,
+               part: Optional[str] = None, split_level: Optional[int] = None,
+               coarse_out: Optional[jax.Array] = None):
     downs, ups = self.layout()
+    levels = len(self.channel_mults)
+    if part is not None:
+      if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+      if split_level is None or not 0 < split_level < levels:
+        raise ValueError(f"part={part!r} needs 0 < split_level < {levels}, got {split_level}")
+      if return_features:
+        raise ValueError("return_features is for the whole network (part=None)")
+      if part == "fine_up" and coarse_out is None:
+        raise ValueError("part='fine_up' needs the coarse part's output (coarse_out)")
+    if part != "coarse" and (x.ndim != 4 or x.shape[-1] != self.in_channel):
+      raise ValueError(f"UNet expects (B, H, W, {self.in_channel}) input, got {x.shape}")
     num_up_blocks = sum(layer.kind == "res" for layer in ups)
     last_needed_block = num_up_blocks - 1  # forward-order index of the last block to run
     if decoder_feature_indices is not None:
@@ -322,6 +375,14 @@ class UNet(nn.Module):
                          f"got {list(decoder_feature_indices)}")
       last_needed_block = num_up_blocks - 1 - min(indices)
 
+    def runs(layer: _Layer, down: bool) -> bool:
+      """Whether this part computes the layer (the split level's upsampler is fine)."""
+      if part is None:
+        return True
+      coarse = layer.level >= split_level if down or layer.kind == "res" else (
+          layer.level > split_level)
+      return coarse == (part == "coarse")
+
     batch = x.shape[0]
     noise_level = jnp.broadcast_to(jnp.reshape(noise_level, (-1,)), (batch,))
     temb = None
@@ -329,37 +390,58 @@ class UNet(nn.Module):
       temb = NoiseLevelMLP(self.inner_channel, dtype=self.dtype,
                            name="noise_level_mlp")(noise_level)
 
-    h = _conv(self.inner_channel, 3, dtype=self.dtype, name="init_conv")(x)
+    # The coarse part starts from the fine part's last downsampled map, which the
+    # coarse decoder also reads as its first skip.
+    h = x if part == "coarse" else _conv(self.inner_channel, 3, dtype=self.dtype,
+                                         name="init_conv")(x)
     skips = [h]
     for i, layer in enumerate(downs):
+      if not runs(layer, down=True):
+        continue
       if layer.kind == "res":
         h = ResnetBlocWithAttn(layer.features, self.norm_groups, self.dropout,
                                layer.with_attn, dtype=self.dtype,
+                               attention_query_chunk=self.attention_query_chunk,
                                name=f"downs_{i}")(h, temb, train)
       else:
         h = Downsample(layer.features, dtype=self.dtype, name=f"downs_{i}")(h)
       skips.append(h)
     encoder_features = list(skips)
+    if part == "fine_down":
+      return h
 
-    mid_width = downs[-1].features
-    h = ResnetBlocWithAttn(mid_width, self.norm_groups, self.dropout, True,
-                           dtype=self.dtype, name="mid_0")(h, temb, train)
-    h = ResnetBlocWithAttn(mid_width, self.norm_groups, self.dropout, False,
-                           dtype=self.dtype, name="mid_1")(h, temb, train)
+    block_index = 0  # forward-order index of the next decoder block
+    if part == "fine_up":
+      skips.pop()  # the coarse part's skip
+      h = coarse_out
+      block_index = sum(layer.kind == "res" and layer.level >= split_level for layer in ups)
+    else:
+      mid_width = downs[-1].features
+      h = ResnetBlocWithAttn(mid_width, self.norm_groups, self.dropout, True,
+                             dtype=self.dtype, attention_query_chunk=self.attention_query_chunk,
+                             name="mid_0")(h, temb, train)
+      h = ResnetBlocWithAttn(mid_width, self.norm_groups, self.dropout, False,
+                             dtype=self.dtype, name="mid_1")(h, temb, train)
 
     decoder_features = []  # forward order
     for i, layer in enumerate(ups):
+      if not runs(layer, down=False) or block_index > last_needed_block:
+        continue
       if layer.kind == "res":
         h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
         h = ResnetBlocWithAttn(layer.features, self.norm_groups, self.dropout,
                                layer.with_attn, dtype=self.dtype,
+                               attention_query_chunk=self.attention_query_chunk,
                                name=f"ups_{i}")(h, temb, train)
         decoder_features.append(h)
-        if len(decoder_features) > last_needed_block:
-          break
+        block_index += 1
       else:
         h = Upsample(layer.features, dtype=self.dtype, name=f"ups_{i}")(h)
 
+    if part == "coarse":
+      return h, decoder_features
+    if part == "fine_up":
+      return decoder_features
     if decoder_feature_indices is not None:
       return [decoder_features[num_up_blocks - 1 - i] for i in indices]
 
