@@ -4,16 +4,19 @@
 range) and returns the fused ones. Images of one size share one compiled program and
 go through in batches. Before running, the memory an image needs is estimated
 (`estimate_bytes`): activations grow with the pixel count and the attention blocks with
-its square, so a large image would exhaust the machine. Such an image is fused in
-overlapping tiles (`plan_tiles`), or refused with a message when even a small tile
-would not fit.
+its square, so a large image would exhaust the machine. Such an image is fused
+whole with its six UNet inputs one after another and the attention in query chunks
+(the same result in much less memory), or, when even that does not fit, in overlapping
+tiles (`plan_tiles`), or refused with a message when even a small tile would not fit.
 
-Tiles reproduce the whole image's result (within a grey level or two, tested), because
-the layers that see the whole image are computed for the whole image: the UNet's levels
+Tiles stay close to the whole image's result (99.4-99.98% of the pixels within 2 grey
+levels on 512x512 phantoms, tested), because the layers that see the whole image are
+computed for the whole image: the UNet's levels
 from its first attention level down (`split_level`; a 4096x4096 image: a 256x256 map)
 run once on the map assembled from every tile's own pixels, with the attention in query
-chunks; the GroupNorm layers of the finer levels use the whole image's statistics,
-summed over the pixels each tile owns; every tile shares the whole image's noise draw;
+chunks; the head's channel attention pools over the whole image; the GroupNorm layers
+of the finer levels use estimates of the whole image's statistics (a downscaled copy's,
+then measured over the pixels each tile owns); every tile shares the whole image's noise;
 the tiles are blended with linear ramps. A failure tied to one image is returned in its
 place, so a batch job can report it and carry on.
 """
@@ -46,8 +49,9 @@ ATTENTION_BYTES_PER_PAIR = 8.0
 # Fixed overhead of a fuse call: parameters, the program, the host copies.
 FIXED_BYTES = 256 * 2**20
 # Rounds of measuring the fine levels' GroupNorm statistics on the tiles (see
-# FusionModel._fuse_tiled): with one, a 512x512 pair in 384 px tiles stays within 2
-# grey levels of the whole image's result (tests/test_engine.py).
+# FusionModel._fuse_tiled). One took the pixels more than 2 grey levels off from 0.13%
+# to 0.02% on a 512x512 MRI-PET pair in 384 px tiles; more do not converge (a round
+# makes one more layer exact and disturbs the deeper ones; two were worse than one).
 STATISTICS_ROUNDS = 1
 # The share of the machine's memory a fuse job may plan for, when not configured.
 DEFAULT_MEMORY_FRACTION = 0.5
@@ -101,6 +105,23 @@ def estimate_bytes(model_cfg, fusion_cfg, height: int, width: int, pairs: int = 
   return int(images * per_image + FIXED_BYTES)
 
 
+def estimate_one_at_a_time_bytes(model_cfg, fusion_cfg, height: int, width: int,
+                                 attention_queries: Optional[int]) -> int:
+  """Peak memory of fusing one image whole with its UNet inputs one after another (the
+  attention in chunks of `attention_queries`): one input's activations, plus the
+  decoder features the head reads for all of them and half as much again for the head's
+  own (XLA's memory analysis: 0.48 GiB at 512x512 for the `cpu` model, this estimate
+  0.69 without the fixed part; tests/test_engine.py keeps it above)."""
+  one_input = estimate_bytes(model_cfg, fusion_cfg, height, width, images=1,
+                             attention_queries=attention_queries) - FIXED_BYTES
+  channels = unet_lib.decoder_channels(model_cfg)
+  levels = unet_lib.decoder_levels(model_cfg)
+  feature_pixels = sum(channels[s] * height * width / 4**levels[s]
+                       for s in fusion_cfg.feat_scales)
+  features_bytes = 4 * feature_pixels * 2 * len(fusion_cfg.timesteps)
+  return int(one_input + 1.5 * features_bytes + FIXED_BYTES)
+
+
 def split_level(model_cfg) -> int:
   """The finest UNet level with a layer that sees the whole map (attention, or the
   coarsest level's middle block); the levels above it only see local windows."""
@@ -111,9 +132,10 @@ def split_level(model_cfg) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class TilePlan:
-  """How one padded image is fused: whole (`tile` = None) or in tiles of `tile` px,
-  `per_call` of them at once, overlapping by `overlap` px; the whole image's coarse
-  levels then run with `query_chunk` attention queries at a time."""
+  """How one padded image is fused: whole (`tile` = None: with its UNet inputs in one
+  batch, or with `query_chunk` set one after another, the attention taking that many
+  queries at a time), or in tiles of `tile` px, `per_call` of them at once, overlapping
+  by `overlap` px, the whole image's coarse levels then run in `query_chunk` chunks."""
   height: int
   width: int
   tile: Optional[int] = None
@@ -150,6 +172,11 @@ def plan_tiles(model_cfg, fusion_cfg, height: int, width: int, budget: int,
     return TilePlan(height, width)
   levels = len(model_cfg.channel_mults)
   split = split_level(model_cfg)
+  rows, cols = height // 2**split, width // 2**split
+  query_chunk = _query_chunk(lambda queries: estimate_one_at_a_time_bytes(
+      model_cfg, fusion_cfg, height, width, queries) <= budget, rows, cols)
+  if query_chunk is not None:  # whole, exact, in less memory
+    return TilePlan(height, width, query_chunk=query_chunk)
   if split == 0:
     need = estimate_bytes(model_cfg, fusion_cfg, height, width) / 2**30
     raise DataError(f"{what}: needs about {need:.1f} GiB, more than the memory budget of "
@@ -165,7 +192,9 @@ def plan_tiles(model_cfg, fusion_cfg, height: int, width: int, budget: int,
     raise DataError(f"{what}: even a {tile}x{tile} tile needs about "
                     f"{tile_bytes(tile) / 2**30:.1f} GiB, more than the memory budget of "
                     f"{budget / 2**30:.1f} GiB (fuse.memory_budget_gb)")
-  query_chunk = _query_chunk(model_cfg, fusion_cfg, height, width, split, budget)
+  query_chunk = _query_chunk(lambda queries: estimate_bytes(
+      model_cfg, fusion_cfg, height, width, levels=range(split, levels), images=1,
+      attention_queries=queries) <= budget, rows, cols)
   if query_chunk is None:
     need = estimate_bytes(model_cfg, fusion_cfg, height, width, levels=range(split, levels),
                           attention_queries=width // 2**split, images=1)
@@ -179,16 +208,11 @@ def plan_tiles(model_cfg, fusion_cfg, height: int, width: int, budget: int,
   return TilePlan(height, width, tile, overlap, per_call, query_chunk)
 
 
-def _query_chunk(model_cfg, fusion_cfg, height: int, width: int, split: int,
-                 budget: int) -> Optional[int]:
-  """The most attention queries (whole rows of the split level's map) per chunk with
-  which the whole image's coarse levels fit `budget`, one image at a time; None if
-  even one row does not fit."""
-  rows, cols = height // 2**split, width // 2**split
-  levels = range(split, len(model_cfg.channel_mults))
+def _query_chunk(fits, rows: int, cols: int) -> Optional[int]:
+  """The most attention queries per chunk, in whole rows of a rows x cols map, for
+  which `fits(queries)`; None if not even one row does."""
   for per_chunk in sorted((r for r in range(1, rows + 1) if rows % r == 0), reverse=True):
-    if estimate_bytes(model_cfg, fusion_cfg, height, width, levels=levels,
-                      attention_queries=per_chunk * cols, images=1) <= budget:
+    if fits(per_chunk * cols):
       return per_chunk * cols
   return None
 
@@ -229,6 +253,20 @@ class FusionModel:
       # One key per image: the result of a pair does not depend on its batch mates.
       per_image = lambda a1, b1, k: fuse_one(unet_params, head_params, a1[None], b1[None], k)[0]
       return jax.vmap(per_image)(a, b, keys)
+
+    def fuse_one_at_a_time(unet_params, head_params, a, b, key, query_chunk):
+      """fuse_one on (H, W, 1) sources with the UNet inputs one after another: the same
+      numbers in a sixth of the activations, the attention in query chunks."""
+      x_t, g = features.noisy_inputs(a[None], b[None], key, sqrt_acp_prev, timesteps)
+      chunked = unet.clone(attention_query_chunk=query_chunk)
+      feats = jax.lax.map(
+          lambda args: [f[0] for f in chunked.apply(
+              {"params": unet_params}, args[0][None], args[1][None],
+              decoder_feature_indices=tuple(scales))],
+          (x_t.reshape((-1,) + x_t.shape[3:]), g.reshape(-1)))
+      feats = [f.reshape(x_t.shape[:3] + f.shape[1:]) for f in feats]
+      return head.apply({"params": head_params},
+                        head_lib.order_features_coarse_to_fine(feats, scales))[0]
 
     def noisy(a, b, key):  # the whole image's noise draw, as fuse_one makes it
       return features.noisy_inputs(a[None], b[None], key, sqrt_acp_prev, timesteps)
@@ -285,14 +323,18 @@ class FusionModel:
         return unet_maps["norm_maps"], out[1]["pool_maps"]
       return out
 
-    def norm_statistics(unet_params, a, b, g, key):
-      """GroupNorm statistics of a whole (downscaled) image, noised at levels `g`."""
-      x0 = jnp.broadcast_to(jnp.stack([a, b])[:, None], g.shape[:2] + a.shape).reshape(
-          (-1,) + a.shape)
-      x_t = diffusion.q_sample(x0, g.reshape(-1), jax.random.normal(key, x0.shape, x0.dtype))
-      _, state = unet.apply({"params": unet_params}, x_t, g.reshape(-1),
-                            decoder_feature_indices=tuple(scales), mutable=["norm_stats"])
-      return state["norm_stats"]
+    def norm_statistics(unet_params, x_t, g, query_chunk):
+      """GroupNorm statistics of whole noised UNet inputs (2T, H, W, 1), one after another
+      (the attention in query chunks)."""
+      chunked = unet.clone(attention_query_chunk=query_chunk)
+
+      def one(args):
+        _, state = chunked.apply({"params": unet_params}, args[0][None], args[1][None],
+                                 decoder_feature_indices=tuple(scales), mutable=["norm_stats"])
+        return state["norm_stats"]
+
+      stats = jax.lax.map(one, (x_t, g))  # leaves (2T, 1, groups)
+      return jax.tree.map(lambda a: a[:, 0], stats)
 
     def coarse(unet_params, h, g, query_chunk):
       """The whole image's coarse levels, one UNet input after another."""
@@ -312,11 +354,12 @@ class FusionModel:
     self._fuse = jax.jit(fuse_batch, in_shardings=(whole, whole, split, split, split),
                          out_shardings=split)
     self._noisy = jax.jit(noisy)
+    self._fuse_one_at_a_time = jax.jit(fuse_one_at_a_time, static_argnums=5)
     self._fine_down = jax.jit(fine_down)
     self._fine_statistics = jax.jit(fine_statistics)
     self._fine_fuse = jax.jit(fine_fuse, static_argnames="record")
     self._coarse = jax.jit(coarse, static_argnums=3)
-    self._norm_statistics = jax.jit(norm_statistics)
+    self._norm_statistics = jax.jit(norm_statistics, static_argnums=3)
 
   def __call__(self, a: np.ndarray, b: np.ndarray, keys: jax.Array) -> np.ndarray:
     """Fused (B, H, W, 1) in [-1, 1] of sources (B, H, W, 1) whose size the networks take;
@@ -340,7 +383,8 @@ class FusionModel:
 
     Images of one size go through in batches of up to `batch_size` (the last one filled
     up with repeats, so each size compiles once), reflect-padded to a size the networks
-    accept and cropped back; images too large for the memory budget go through in tiles.
+    accept and cropped back; images too large for the memory budget go through whole with
+    their UNet inputs one after another (exact), or else in tiles.
     An image that cannot be fused gets a DmfnetError (naming `names[i]`) in its place."""
     names = list(names) if names is not None else [f"image {i}" for i in range(len(a_images))]
     fused: list[FuseResult] = [None] * len(a_images)  # type: ignore[list-item]
@@ -358,6 +402,13 @@ class FusionModel:
       except DmfnetError as err:
         for index in indices:
           fused[index] = DataError(f"{names[index]}: {err}")
+        continue
+      if plan.tile is None and plan.query_chunk is not None:
+        logging.info("%dx%d images: fusing whole, their UNet inputs one after another, to stay "
+                     "within %.1f GiB", height, width, self.budget / 2**30)
+        for index in indices:
+          fused[index] = self._guarded(names[index], self._fuse_whole_one_at_a_time,
+                                       a_images[index], b_images[index], keys[index], plan)
         continue
       if plan.tile is not None:
         logging.info("%dx%d images: fusing in %d tiles of %d px (overlap %d) to stay within "
@@ -409,24 +460,33 @@ class FusionModel:
     out = np.asarray(features.crop_back(out, crop))
     return [out[i, ..., 0] for i in range(len(a_images))]
 
+  def _fuse_whole_one_at_a_time(self, a: np.ndarray, b: np.ndarray, key: jax.Array,
+                                plan: TilePlan) -> np.ndarray:
+    a_pad, crop = features.pad_to_valid(a[None, ..., None], self.num_levels)
+    b_pad, _ = features.pad_to_valid(b[None, ..., None], self.num_levels)
+    out = self._fuse_one_at_a_time(self.unet_params, self.head_params, a_pad[0], b_pad[0], key,
+                                   plan.query_chunk)
+    return np.asarray(features.crop_back(out[None], crop))[0, ..., 0]
+
   def _fuse_tiled(self, a: np.ndarray, b: np.ndarray, key: jax.Array, plan: TilePlan
                   ) -> np.ndarray:
     """One image in overlapping tiles, as the whole image would be fused (module doc).
 
-    The fine levels' GroupNorm statistics start from a downscaled copy's and are then
+    The GroupNorm statistics are the whole image's when one of its UNet inputs fits the
+    budget whole; else they start from a downscaled copy's and the fine levels' are then
     measured on the tiles themselves (STATISTICS_ROUNDS times): each round sums, over
-    the pixels each tile owns, the statistics its layers see with the previous round's,
-    which makes them the whole image's layer after layer."""
+    the pixels each tile owns, the statistics its layers see with the previous round's.
+    A round also sums the head's channel-attention inputs, which the final pass pools."""
     a_pad, crop = features.pad_to_valid(a[None, ..., None], self.num_levels)
     b_pad, _ = features.pad_to_valid(b[None, ..., None], self.num_levels)
     x_t, g = self._noisy(a_pad[0], b_pad[0], key)  # (2, T, 1, H, W, 1), (2, T, 1)
-    stats = self._whole_image_statistics(a_pad[0, ..., 0], b_pad[0, ..., 0], g, key)
     x_t = np.asarray(x_t)[:, :, 0]
     x_t = x_t.reshape((-1,) + x_t.shape[2:])  # (2T, H, W, 1)
     g = jnp.reshape(g, (-1,))
+    stats, exact = self._whole_image_statistics(a_pad[0, ..., 0], b_pad[0, ..., 0], x_t, g, key)
     pooled = None  # the head's channel attention: each tile's own mean at first
+    coarse_out, coarse_features = self._coarse_levels(x_t, g, stats, plan)
     for _ in range(STATISTICS_ROUNDS):
-      coarse_out, coarse_features = self._coarse_levels(x_t, g, stats, plan)
       sums = None
       for chunk, crops, owned in self._tile_batches(x_t, plan):
         part = jax.device_get(self._fine_statistics(
@@ -435,11 +495,12 @@ class FusionModel:
             [_crop_tiles(f, chunk, plan) for f in coarse_features], owned))
         sums = part if sums is None else jax.tree.map(np.add, sums, part)
       mean = lambda total: total[0] / total[1]
-      stats = jax.tree.map(lambda total: (mean(total)[..., 0], mean(total)[..., 1]), sums[0],
-                           is_leaf=_is_sum)
       pooled = jax.tree.map(lambda total: mean(total).reshape(1, 1, 1, -1), sums[1],
                             is_leaf=_is_sum)
-    coarse_out, coarse_features = self._coarse_levels(x_t, g, stats, plan)
+      if not exact:
+        stats = jax.tree.map(lambda total: (mean(total)[..., 0], mean(total)[..., 1]),
+                             sums[0], is_leaf=_is_sum)
+        coarse_out, coarse_features = self._coarse_levels(x_t, g, stats, plan)
     total = np.zeros((plan.height, plan.width), np.float64)
     weight = np.zeros_like(total)
     tile, overlap = plan.tile, plan.overlap
@@ -460,9 +521,7 @@ class FusionModel:
     """(tiles, their noised inputs (2T, n, tile, tile, 1), the rows and columns each owns
     relative to itself (n, 4)), `plan.per_call` tiles at a time (the last batch filled
     up with repeats that own nothing)."""
-    multiple = 2**(self.num_levels - 1)
-    rows = dict(zip(plan.starts(plan.height), plan.owned(plan.height, multiple)))
-    cols = dict(zip(plan.starts(plan.width), plan.owned(plan.width, multiple)))
+    rows, cols = self._owned(plan)
     tiles, tile = plan.tiles, plan.tile
     for start in range(0, len(tiles), plan.per_call):
       chunk = tiles[start:start + plan.per_call]
@@ -473,13 +532,17 @@ class FusionModel:
                          np.int32)
       yield filled, crops, owned
 
+  def _owned(self, plan: TilePlan) -> tuple[dict, dict]:
+    """{tile start: the [begin, end) it owns}, for the rows and for the columns."""
+    multiple = 2**(self.num_levels - 1)
+    return tuple(dict(zip(plan.starts(size), plan.owned(size, multiple)))
+                 for size in (plan.height, plan.width))
+
   def _coarse_levels(self, x_t: np.ndarray, g: jax.Array, stats, plan: TilePlan):
     """The coarse levels of the whole image, from the split-level map each tile owns:
     (the last coarse decoder output, the coarse decoder features), (2T, h, w, c) each."""
     scale = 2**self.split_level
-    multiple = 2**(self.num_levels - 1)
-    rows = dict(zip(plan.starts(plan.height), plan.owned(plan.height, multiple)))
-    cols = dict(zip(plan.starts(plan.width), plan.owned(plan.width, multiple)))
+    rows, cols = self._owned(plan)
     assembled = None
     for chunk, crops, _ in self._tile_batches(x_t, plan):
       maps = np.asarray(self._fine_down(self.unet_params, crops, g, stats))
@@ -493,22 +556,32 @@ class FusionModel:
     coarse_out, coarse_features = self._coarse(self.unet_params, assembled, g, plan.query_chunk)
     return np.asarray(coarse_out), [np.asarray(f) for f in coarse_features]
 
-  def _whole_image_statistics(self, a: np.ndarray, b: np.ndarray, g: jax.Array,
-                              key: jax.Array):
-    """GroupNorm statistics of the whole image at the largest 1/2^k scale that fits."""
-    factor = 2
-    multiple = 2**(self.num_levels - 1)
+  def _whole_image_statistics(self, a: np.ndarray, b: np.ndarray, x_t: np.ndarray,
+                              g: jax.Array, key: jax.Array):
+    """(GroupNorm statistics of the whole image, whether exact): exact when one of its UNet
+    inputs fits the budget whole, else those of the largest 1/2^k copy that does (with
+    its own noise draw)."""
+    height, width = x_t.shape[1:3]
+    scale = 2**split_level(self.config.model)
+    factor = 1
     while True:
-      height, width = (validation.valid_fusion_side(-(-s // factor), self.num_levels)
-                       for s in a.shape)
-      if estimate_bytes(self.config.model, self.config.fusion, height, width) <= self.budget:
-        break
-      if height <= 4 * multiple and width <= 4 * multiple:
+      small = [validation.valid_fusion_side(-(-s // factor), self.num_levels)
+               for s in (height, width)]
+      query_chunk = _query_chunk(lambda queries: estimate_bytes(
+          self.config.model, self.config.fusion, *small, images=1,
+          attention_queries=queries) <= self.budget, small[0] // scale, small[1] // scale)
+      if query_chunk is not None or max(small) <= 4 * 2**(self.num_levels - 1):
         break
       factor *= 2
-    small = [_downscale(x, factor, height, width) for x in (a, b)]
-    return jax.device_get(self._norm_statistics(self.unet_params, *small, g,
-                                                jax.random.fold_in(key, 1)))
+    if factor > 1:
+      x0 = np.repeat(np.stack([_downscale(image, factor, *small) for image in (a, b)]),
+                     x_t.shape[0] // 2, axis=0)  # (2T, h, w, 1), as x_t: source, timestep
+      noise = jax.random.normal(jax.random.fold_in(key, 1), x0.shape, x0.dtype)
+      x_t = diffusion.q_sample(x0, g, noise)
+    logging.info("GroupNorm statistics from the whole image%s", f" at 1/{factor}" if factor > 1
+                 else "")
+    stats = jax.device_get(self._norm_statistics(self.unet_params, x_t, g, query_chunk))
+    return stats, factor == 1
 
 
 def _crop_tiles(whole: np.ndarray, tiles: Sequence[tuple[int, int]], plan: TilePlan

@@ -32,6 +32,47 @@ def test_estimate_bounds_what_xla_allocates(micro_model, size):
   assert actual <= estimate <= 4 * actual + engine.FIXED_BYTES
 
 
+@pytest.mark.parametrize("size", [64, 128])
+def test_one_at_a_time_estimate_bounds_what_xla_allocates(micro_model, size):
+  a, key = jnp.zeros((size, size, 1)), jax.random.PRNGKey(0)
+  queries = (size // 2)**2 // 4  # the micro model attends at level 1
+  compiled = micro_model._fuse_one_at_a_time.lower(  # pylint: disable=protected-access
+      micro_model.unet_params, micro_model.head_params, a, a, key, queries).compile()
+  analysis = compiled.memory_analysis()
+  actual = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+  estimate = engine.estimate_one_at_a_time_bytes(micro_model.config.model,
+                                                 micro_model.config.fusion, size, size, queries)
+  assert actual <= estimate <= 4 * actual + engine.FIXED_BYTES
+
+
+def test_one_at_a_time_is_the_batched_result(micro_model):
+  """The same noise draw and the same numbers, attention chunks included."""
+  rng = np.random.default_rng(0)
+  a, b = (rng.uniform(-1, 1, (48, 40)).astype(np.float32) for _ in range(2))
+  key = jax.random.PRNGKey(3)
+  batched = micro_model._fuse_chunk([a], [b], [key], micro_model.batch_for(1))[0]  # pylint: disable=protected-access
+  for chunk in (None, 7):
+    plan = engine.TilePlan(48, 48, query_chunk=chunk)
+    alone = micro_model._fuse_whole_one_at_a_time(a, b, key, plan)  # pylint: disable=protected-access
+    assert alone.shape == (48, 40)
+    np.testing.assert_allclose(alone, batched, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset, one_at_a_time, tiled", [("cpu", 2048, 4096),
+                                                          ("reference", 1024, 2048)])
+def test_images_are_fused_whole_while_one_input_at_a_time_fits(preset, one_at_a_time, tiled):
+  """On a 24 GiB machine: the shipped model fuses 2048x2048 whole and exactly, the
+  reference model 1024x1024; larger images go in tiles."""
+  model, fusion = config_defaults.model_config(preset), config_defaults.fusion_config()
+  budget = int(engine.DEFAULT_MEMORY_FRACTION * 24 * GIB)
+  plan = engine.plan_tiles(model, fusion, one_at_a_time, one_at_a_time, budget)
+  assert plan.tile is None and plan.query_chunk is not None
+  assert engine.estimate_bytes(model, fusion, one_at_a_time, one_at_a_time) > budget
+  assert engine.estimate_one_at_a_time_bytes(model, fusion, one_at_a_time, one_at_a_time,
+                                             plan.query_chunk) <= budget
+  assert engine.plan_tiles(model, fusion, tiled, tiled, budget).tile is not None
+
+
 def test_attention_makes_memory_grow_with_the_square_of_the_pixels():
   model, fusion = config_defaults.model_config("cpu"), config_defaults.fusion_config()
   small, large = (engine.estimate_bytes(model, fusion, s, s) - engine.FIXED_BYTES
@@ -92,11 +133,13 @@ def test_tiles_stay_close_to_the_whole_image(task, within_2, mean):
   The ramps leave no seam."""
   mri, other = phantoms.phantom_pair(3, size=512, task=task, seed=4)
   whole = dmfnet_jax.load(batch_size=1)
-  budget = engine.estimate_bytes(whole.config.model, whole.config.fusion, 384, 384,
-                                 attention_queries=0) / GIB
+  # Just below what fusing it whole one UNet input at a time needs (one attention row
+  # at a time): 304 px tiles.
+  budget = (engine.estimate_one_at_a_time_bytes(whole.config.model, whole.config.fusion,
+                                                512, 512, 32) - 1) / GIB
   tiled = dmfnet_jax.load(batch_size=1, memory_budget_gb=budget)
   plan = tiled.model.plan(512, 512)
-  assert plan.tile == 384 and len(plan.tiles) == 4
+  assert plan.tile == 304 and len(plan.tiles) == 4
   luma = lambda image: imageio.rgb_to_ycrcb(image)[..., 0] if image.ndim == 3 else image
   a, b = (luma(f.fuse(mri, other)).astype(int) for f in (whole, tiled))
   difference = np.abs(a - b)[16:-16, 16:-16]

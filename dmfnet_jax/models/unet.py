@@ -470,12 +470,21 @@ def unet_from_config(model_cfg: Any, dtype: Dtype = jnp.float32) -> UNet:
   return UNet(**unet_kwargs(model_cfg), dtype=dtype)
 
 
-def decoder_channels(model_cfg: Any) -> list[int]:
-  """Channels of each decoder feature, in the reference's reversed order."""
+def _decoder_blocks(model_cfg: Any) -> list[_Layer]:
   kwargs = unet_kwargs(model_cfg)
   _, ups = _layout(kwargs["inner_channel"], kwargs["channel_mults"], kwargs["attn_res"],
                    kwargs["res_blocks"], kwargs["image_size"])
-  return [layer.features for layer in ups if layer.kind == "res"][::-1]
+  return [layer for layer in ups if layer.kind == "res"][::-1]
+
+
+def decoder_channels(model_cfg: Any) -> list[int]:
+  """Channels of each decoder feature, in the reference's reversed order."""
+  return [layer.features for layer in _decoder_blocks(model_cfg)]
+
+
+def decoder_levels(model_cfg: Any) -> list[int]:
+  """The level (0 = full resolution) of each decoder feature, in the same order."""
+  return [layer.level for layer in _decoder_blocks(model_cfg)]
 
 
 def abstract_params(model_cfg: Any) -> Any:
