@@ -48,6 +48,10 @@ ACTIVATION_BYTES_PER_CHANNEL_PIXEL = 28.0
 ATTENTION_BYTES_PER_PAIR = 8.0
 # Fixed overhead of a fuse call: parameters, the program, the host copies.
 FIXED_BYTES = 256 * 2**20
+# The least distance (px) from a tile's cut edges to the pixels it owns: the zero padding
+# at a cut reaches about this far into the fine levels. A 512x512 pair in 304 px tiles
+# with 48 px: up to 3 grey levels off; with 96 px: 1.
+TILE_MARGIN = 96
 # Rounds of measuring the fine levels' GroupNorm statistics on the tiles (see
 # FusionModel._fuse_tiled). One took the pixels more than 2 grey levels off from 0.13%
 # to 0.02% on a 512x512 MRI-PET pair in 384 px tiles; more do not converge (a round
@@ -201,9 +205,10 @@ def plan_tiles(model_cfg, fusion_cfg, height: int, width: int, budget: int,
     raise DataError(f"{what}: the whole image's coarse levels need about {need / 2**30:.1f} GiB "
                     f"even in chunks, more than the memory budget of {budget / 2**30:.1f} GiB "
                     "(fuse.memory_budget_gb)")
-  # A quarter of the tile (at least one coarsest-level cell) on each side: the pixels a
-  # tile owns lie at least an eighth of a tile from its cut edges.
-  overlap = max(multiple, (tile // 4) // multiple * multiple)
+  # Each tile owns the pixels up to the middle of its overlaps, so they lie half an
+  # overlap from its cut edges: at least TILE_MARGIN px where the tile allows it.
+  overlap = min(max(2 * TILE_MARGIN, tile // 4), 2 * tile // 3)
+  overlap = max(multiple, overlap // multiple * multiple)
   per_call = max(1, int((budget - FIXED_BYTES) // max(tile_bytes(tile) - FIXED_BYTES, 1)))
   return TilePlan(height, width, tile, overlap, per_call, query_chunk)
 
@@ -290,18 +295,21 @@ class FusionModel:
       return h.reshape(x_t.shape[:2] + h.shape[1:])
 
     def fine_statistics(unet_params, head_params, x_t, g, stats, pooled, coarse_out,
-                        coarse_features, owned):
+                        coarse_features, origins, full_size, owned):
       """Sums over the pixels each tile owns (`owned`: (n, 4) rows and columns) of the
       fine levels' GroupNorm statistics and of the head's channel-attention inputs."""
-      (unet_maps, head_maps) = fine_fuse(unet_params, head_params, x_t, g, stats, pooled,
-                                         coarse_out, coarse_features, record=True)
+      unet_maps, head_maps = fine_fuse(unet_params, head_params, x_t, g, stats, pooled,
+                                       coarse_out, coarse_features, origins, full_size,
+                                       record=True)
+      head_maps = jax.tree.map(lambda m: m.reshape((-1,) + m.shape[2:]), head_maps)
       sums = lambda maps: jax.tree.map(lambda m: _owned_sums(m, owned, x_t.shape[2]), maps)
       return sums(unet_maps), sums(head_maps)
 
     def fine_fuse(unet_params, head_params, x_t, g, stats, pooled, coarse_out,
-                  coarse_features, record=False):
-      """Fused tiles (n, h, w, 1) from their noised inputs (2T, n, h, w, 1) and the
-      coarse levels' crops; with `record`, the per-pixel maps `fine_statistics` sums."""
+                  coarse_features, origins, full_size, record=False):
+      """Fused tiles (n, h, w, 1) from their noised inputs (2T, n, h, w, 1), the coarse
+      levels' crops and where the tiles lie (`origins`: (n, 2) pixels; `full_size`: the
+      padded image's); with `record`, the per-pixel maps `fine_statistics` sums."""
       flat = lambda a: a.reshape((-1,) + a.shape[2:])
       fine = unet.apply(unet_variables(unet_params, stats, x_t.shape[1]),
                         flat(x_t), g.repeat(x_t.shape[1]), part="fine_up",
@@ -313,15 +321,23 @@ class FusionModel:
       forward = [flat(f) for f in coarse_features] + list(fine)
       lead = (2, len(timesteps), x_t.shape[1])
       feats = [forward[num_up_blocks - 1 - s] for s in scales]
-      feats = [f.reshape(lead + f.shape[1:]) for f in feats]
+      feats = head_lib.order_features_coarse_to_fine(
+          [f.reshape(lead + f.shape[1:]) for f in feats], scales)
       variables = {"params": head_params}
       if pooled is not None:
         variables["pool_fixed"] = pooled
-      out = head.apply(variables, head_lib.order_features_coarse_to_fine(feats, scales),
-                       mutable=["pool_maps"] if record else False)
+      factor = x_t.shape[2] // feats[-1].shape[3]  # pixels per finest head level cell
+
+      def one_tile(tile_feats, origin):
+        return head.apply(variables, [f[:, :, None] for f in tile_feats],
+                          tile_origin=origin // factor,
+                          full_size=[s // factor for s in full_size],
+                          mutable=["pool_maps"] if record else False)
+
+      out = jax.vmap(one_tile, in_axes=(2, 0))(feats, origins)
       if record:
         return unet_maps["norm_maps"], out[1]["pool_maps"]
-      return out
+      return out[:, 0]
 
     def norm_statistics(unet_params, x_t, g, query_chunk):
       """GroupNorm statistics of whole noised UNet inputs (2T, H, W, 1), one after another
@@ -356,8 +372,8 @@ class FusionModel:
     self._noisy = jax.jit(noisy)
     self._fuse_one_at_a_time = jax.jit(fuse_one_at_a_time, static_argnums=5)
     self._fine_down = jax.jit(fine_down)
-    self._fine_statistics = jax.jit(fine_statistics)
-    self._fine_fuse = jax.jit(fine_fuse, static_argnames="record")
+    self._fine_statistics = jax.jit(fine_statistics, static_argnums=9)
+    self._fine_fuse = jax.jit(fine_fuse, static_argnums=9, static_argnames="record")
     self._coarse = jax.jit(coarse, static_argnums=3)
     self._norm_statistics = jax.jit(norm_statistics, static_argnums=3)
 
@@ -492,7 +508,8 @@ class FusionModel:
         part = jax.device_get(self._fine_statistics(
             self.unet_params, self.head_params, crops, g, stats, pooled,
             _crop_tiles(coarse_out, chunk, plan),
-            [_crop_tiles(f, chunk, plan) for f in coarse_features], owned))
+            [_crop_tiles(f, chunk, plan) for f in coarse_features],
+            np.asarray(chunk, np.int32), (plan.height, plan.width), owned))
         sums = part if sums is None else jax.tree.map(np.add, sums, part)
       mean = lambda total: total[0] / total[1]
       pooled = jax.tree.map(lambda total: mean(total).reshape(1, 1, 1, -1), sums[1],
@@ -508,7 +525,8 @@ class FusionModel:
       out = np.asarray(self._fine_fuse(
           self.unet_params, self.head_params, crops, g, stats, pooled,
           _crop_tiles(coarse_out, chunk, plan),
-          [_crop_tiles(f, chunk, plan) for f in coarse_features]))
+          [_crop_tiles(f, chunk, plan) for f in coarse_features],
+          np.asarray(chunk, np.int32), (plan.height, plan.width)))
       for position, (y, x) in enumerate(chunk):
         w = np.outer(_ramp(tile, overlap, y > 0, y + tile < plan.height),
                      _ramp(tile, overlap, x > 0, x + tile < plan.width))

@@ -119,34 +119,60 @@ def test_a_model_attending_at_full_resolution_is_not_tiled():
     engine.plan_tiles(model, config_defaults.fusion_config(), 512, 512, 2**30, "a.png")
 
 
+def _downscaled_statistics(model):
+  """Makes `model` estimate the GroupNorm statistics on a half-size copy, as it does when
+  not even one UNet input of the image fits its budget (a 4096x4096 image on 24 GiB)."""
+  exact = model._whole_image_statistics  # pylint: disable=protected-access
+
+  def downscaled(a, b, x_t, g, key):
+    budget = model.budget
+    model.budget = engine.estimate_bytes(model.config.model, model.config.fusion,
+                                         *a.shape, images=1, attention_queries=32) - 1
+    try:
+      stats, is_exact = exact(a, b, x_t, g, key)
+    finally:
+      model.budget = budget
+    assert not is_exact
+    return stats, is_exact
+
+  model._whole_image_statistics = downscaled  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize("task, within_2, mean", [("MRI-PET", 0.999, 0.2),
-                                                   ("MRI-CT", 0.99, 0.3)])
-def test_tiles_stay_close_to_the_whole_image(task, within_2, mean):
+                                                   ("MRI-CT", 0.995, 0.3)])
+def test_tiles_reproduce_the_whole_image(task, within_2, mean):
   """The shipped model on a 512x512 pair, tiled (a small budget forces it) and whole.
 
-  The coarse levels, attention included, run on the whole image and the head pools
-  over the whole image, so only the finer levels' GroupNorm statistics are estimated
-  (downscaled copy, then one round measured on the tiles). Measured: MRI-PET 99.98% of
-  the pixels within 2 grey levels, mean 0.15, max 4; MRI-CT 99.4%, mean 0.23, max 11
-  (tiles that each attended and normalised on their own: 99.7% / 0.23 / 4 and
-  98.1% / 0.34 / 22). With the exact statistics the MRI-PET pair is within 2 everywhere.
-  The ramps leave no seam."""
+  The coarse levels (attention included) run on the whole image, the head pools and
+  upsamples as on the whole image, the GroupNorm statistics are the whole image's (one
+  UNet input fits), each tile owns only pixels 96 px from its cut edges: every pixel
+  within 2 grey levels of the untiled result (measured: at most 1, mean 0.02 / 0.03).
+  When the statistics must be estimated (downscaled copy, then one round measured on
+  the tiles): measured MRI-PET 99.97% within 2, mean 0.15, max 4; MRI-CT 99.75%, mean
+  0.21, max 7. (Tiles that attended, normalised, pooled and upsampled on their own:
+  99.7% / 0.23 / 4 and 98.1% / 0.34 / 22.) The ramps leave no seam."""
   mri, other = phantoms.phantom_pair(3, size=512, task=task, seed=4)
   whole = dmfnet_jax.load(batch_size=1)
-  # Just below what fusing it whole one UNet input at a time needs (one attention row
-  # at a time): 304 px tiles.
+  # Just below what fusing it whole one UNet input at a time needs (one attention row at
+  # a time): nine 304 px tiles.
   budget = (engine.estimate_one_at_a_time_bytes(whole.config.model, whole.config.fusion,
                                                 512, 512, 32) - 1) / GIB
   tiled = dmfnet_jax.load(batch_size=1, memory_budget_gb=budget)
   plan = tiled.model.plan(512, 512)
-  assert plan.tile == 304 and len(plan.tiles) == 4
-  luma = lambda image: imageio.rgb_to_ycrcb(image)[..., 0] if image.ndim == 3 else image
-  a, b = (luma(f.fuse(mri, other)).astype(int) for f in (whole, tiled))
-  difference = np.abs(a - b)[16:-16, 16:-16]
+  assert plan.tile == 304 and len(plan.tiles) == 9
+  luma = lambda image: (imageio.rgb_to_ycrcb(image)[..., 0] if image.ndim == 3
+                        else image).astype(int)
+  untiled = luma(whole.fuse(mri, other))
+  difference = np.abs(luma(tiled.fuse(mri, other)) - untiled)[16:-16, 16:-16]
+  assert difference.max() <= 2, (difference.max(), difference.mean())
+
+  _downscaled_statistics(tiled.model)
+  estimated = luma(tiled.fuse(mri, other))
+  difference = np.abs(estimated - untiled)[16:-16, 16:-16]
   assert (difference <= 2).mean() >= within_2 and difference.mean() <= mean, (
       difference.max(), difference.mean(), (difference <= 2).mean())
   # No seam: across the tiles' edges the tiled result changes as smoothly as elsewhere.
-  residual = (b - a).astype(float)
+  residual = (estimated - untiled).astype(float)
   edges = sorted({y + plan.tile for y in plan.starts(512)} | set(plan.starts(512)))
   edges = [e for e in edges if 16 < e < 496]
   jumps = np.abs(np.diff(residual, axis=1))[16:-16, 16:-17]

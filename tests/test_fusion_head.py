@@ -77,6 +77,23 @@ def test_upsample_matches_align_corners_formula():
                              rtol=1e-6)
 
 
+def test_a_tile_upsamples_as_the_whole_map_does():
+  """align_corners maps output to input by the map's size, so a tile passes where it lies:
+  away from its edges it then gets exactly the whole map's upsampling (tiled fusion)."""
+  x = np.random.default_rng(1).normal(size=(1, 32, 24, 3)).astype(np.float32)
+  whole = np.asarray(fh.upsample2x_bilinear_align_corners(jnp.asarray(x)))
+  for top, left in [(0, 0), (13, 5), (12, 9)]:
+    crop = jnp.asarray(x[:, top:top + 19, left:left + 15])
+    tile = np.asarray(jax.jit(fh.upsample2x_bilinear_align_corners, static_argnums=2)(
+        crop, jnp.asarray([top, left]), (32, 24)))
+    inner = tile[:, 2:-2, 2:-2]
+    np.testing.assert_allclose(  # to float rounding (jit fuses the multiply-adds)
+        inner, whole[:, 2 * top + 2:2 * (top + 19) - 2, 2 * left + 2:2 * (left + 15) - 2],
+        atol=1e-6)
+    naive = np.asarray(fh.upsample2x_bilinear_align_corners(crop))[:, 2:-2, 2:-2]
+    assert np.abs(naive - inner).max() > 0.05  # what a tile on its own would compute
+
+
 def test_upsample_matches_torch():
   torch = pytest.importorskip("torch")
   x = np.random.default_rng(0).normal(size=(2, 3, 4, 7)).astype(np.float32)  # NCHW

@@ -53,29 +53,45 @@ def level_dims(model_cfg: Any, feat_scales: Sequence[int]) -> list[int]:
   return dims
 
 
-def upsample2x_bilinear_align_corners(x: jnp.ndarray) -> jnp.ndarray:
+def upsample2x_bilinear_align_corners(x: jnp.ndarray, origin=None, full_size=None) -> jnp.ndarray:
   """Bilinear x2 with align_corners=True on (..., H, W, C).
 
   Output pixel `o` of size `2n` samples input coordinate `o*(n-1)/(2n-1)`, as
   PyTorch's `F.interpolate(..., align_corners=True)`; `jax.image.resize` uses
   half-pixel centres instead, so it is written out here.
+
+  The mapping depends on the map's size, not only on the neighbourhood: a tile
+  (tiled fusion) passes where it lies, `origin` (row, column of its first pixel, may be
+  traced) in the whole map of `full_size` (rows, columns), and gets the whole map's
+  upsampling at its pixels (the ones whose sources lie outside it use its edge).
   """
 
-  def along(x, axis):
+  def along(x, axis, start, size):
     n = x.shape[axis]
-    scale = np.float32((n - 1) / (2 * n - 1)) if n > 1 else np.float32(0.0)
-    coord = np.arange(2 * n, dtype=np.float32) * scale
-    lo = np.minimum(np.floor(coord).astype(np.int32), n - 1)
-    hi = np.minimum(lo + 1, n - 1)
-    frac = (coord - lo).astype(np.float32)
+    size = n if size is None else size
+    scale = np.float32((size - 1) / (2 * size - 1)) if size > 1 else np.float32(0.0)
     shape = [1] * x.ndim
     shape[axis] = 2 * n
-    frac = jnp.asarray(frac, x.dtype).reshape(shape)
+    if start is None:
+      coord = np.arange(2 * n, dtype=np.float32) * scale
+      lo = np.minimum(np.floor(coord).astype(np.int32), n - 1)
+      hi = np.minimum(lo + 1, n - 1)
+      frac = jnp.asarray((coord - lo).astype(np.float32), x.dtype)
+    else:
+      coord = (2 * start + jnp.arange(2 * n, dtype=jnp.int32)).astype(jnp.float32) * scale
+      lo = jnp.minimum(jnp.floor(coord).astype(jnp.int32), size - 1)
+      hi = jnp.minimum(lo + 1, size - 1)
+      frac = (coord - lo).astype(x.dtype)
+      lo, hi = (jnp.clip(i - start, 0, n - 1) for i in (lo, hi))
+    frac = frac.reshape(shape)
     x_lo = jnp.take(x, lo, axis=axis)
     x_hi = jnp.take(x, hi, axis=axis)
     return x_lo * (1 - frac) + x_hi * frac
 
-  return along(along(x, x.ndim - 3), x.ndim - 2)
+  if origin is None:
+    return along(along(x, x.ndim - 3, None, None), x.ndim - 2, None, None)
+  return along(along(x, x.ndim - 3, origin[0], full_size[0]), x.ndim - 2, origin[1],
+               full_size[1])
 
 
 def _reflect_pad(x: jnp.ndarray, pad: int) -> jnp.ndarray:
@@ -211,15 +227,28 @@ class FusionHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, features: Sequence[jnp.ndarray]) -> jnp.ndarray:
+  def __call__(self, features: Sequence[jnp.ndarray], tile_origin=None,
+               full_size=None) -> jnp.ndarray:
     """Fuses per-level features into an image.
 
     Args:
       features: one array per level, coarse to fine, of shape
         (2, T, B, h, w, dims[i]): [source (MRI, other), timestep, batch, ...].
+      tile_origin, full_size: for a tile of a larger image (tiled fusion), where its
+        first pixel lies (row, column; may be traced) and the image's size, both in
+        pixels of the finest level; see `upsample2x_bilinear_align_corners`.
     Returns:
       fused image (B, H, W, 1) in [-1, 1].
     """
+    finest = features[-1].shape[3]
+
+    def upsample(x):
+      if tile_origin is None:
+        return upsample2x_bilinear_align_corners(x)
+      factor = finest // x.shape[-3]
+      return upsample2x_bilinear_align_corners(
+          x, [o // factor for o in tile_origin], [s // factor for s in full_size])
+
     dims = list(self.dims)
     if len(features) != len(dims):
       raise ValueError(f"FusionHead: got {len(features)} feature levels, expected {len(dims)}")
@@ -246,11 +275,11 @@ class FusionHead(nn.Module):
         fea = fea + multi_scale[i - 1]
       if i >= 2:
         skip = _ConvBlock(dim, dtype=self.dtype, name=f"level{i}_block1")(multi_scale[i - 2])
-        fea = fea + upsample2x_bilinear_align_corners(skip)
+        fea = fea + upsample(skip)
       dim_out = dims[i + 1] if i + 1 < len(dims) else dim
       out = _ConvBlock(dim_out, dtype=self.dtype, name=f"level{i}_block")(fea)
       if i + 1 < len(dims):
-        multi_scale.append(upsample2x_bilinear_align_corners(out))
+        multi_scale.append(upsample(out))
 
     x = nn.leaky_relu(
         _Conv(OUTPUT_HIDDEN_CHANNELS, 3, dtype=self.dtype, name="out_conv0")(out),
