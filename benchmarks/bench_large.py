@@ -4,8 +4,9 @@
 
 Builds a phantom pair of that size, loads the shipped model with the default memory
 budget (half the machine's memory; `--budget-gb` overrides), and prints one JSON object:
-the plan the engine chose (whole image, or tiles: size, overlap, count, tiles per call,
-attention queries per chunk on the whole image's coarse levels),
+the plan the engine chose (whole image; whole with its UNet inputs one at a time and the
+attention queries per chunk; or tiles: size, overlap, count, tiles per call, attention
+queries per chunk on the whole image's coarse levels),
 the memory estimate of the untiled image, the seconds of the fuse (compiling included,
 and again once compiled) and the process's peak resident memory.
 """
@@ -22,6 +23,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dmfnet_jax  # noqa: E402  (sets the package's XLA flags before JAX starts)
 
 GIB = 2**30
+
+
+def _describe(plan):
+  if plan.tile is None:
+    if plan.query_chunk is None:
+      return "whole image"
+    return {"whole image": "UNet inputs one at a time", "attention_query_chunk": plan.query_chunk}
+  return {"tile": plan.tile, "overlap": plan.overlap, "tiles": len(plan.tiles),
+          "tiles_per_call": plan.per_call, "coarse_query_chunk": plan.query_chunk}
 
 
 def main():
@@ -46,9 +56,7 @@ def main():
       "budget_gib": round(model.budget / GIB, 2),
       "untiled_estimate_gib": round(engine.estimate_bytes(
           model.config.model, model.config.fusion, args.size, args.size) / GIB, 2),
-      "plan": {"tile": plan.tile, "overlap": plan.overlap, "tiles": len(plan.tiles),
-               "tiles_per_call": plan.per_call, "coarse_query_chunk": plan.query_chunk}
-              if plan.tile else "whole image",
+      "plan": _describe(plan),
       "seconds_first": round(first, 1), "output_shape": list(fused.shape),
   }
   if args.repeat:

@@ -58,7 +58,7 @@ def load(checkpoint: Optional[PathLike] = None, *, batch_size: int = 1,
   `batch_size` pairs of one size go through the networks at once; `compute_dtype`
   "bfloat16" computes in bf16 with float32 parameters; `seed` picks the noise;
   `memory_budget_gb` (0: half the machine's) bounds what a fuse may use: larger images
-  are fused in tiles."""
+  are fused whole one UNet input at a time, or else in tiles."""
   return Fuser.from_config(fuse_config(checkpoint, batch_size=batch_size,
                                        compute_dtype=compute_dtype, seed=seed,
                                        memory_budget_gb=float(memory_budget_gb)))

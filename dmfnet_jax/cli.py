@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fuse again pairs whose output exists (default: a rerun resumes)")
   fuse.add_argument("--memory-budget-gb", type=float, default=0.0,
                     help="memory a fuse may plan for (default: half the machine's); larger "
-                    "images are fused in tiles")
+                    "images are fused one UNet input at a time, or in tiles")
   volumes = fuse.add_argument_group("volumes")
   volumes.add_argument("--modality", choices=("CT", "PET", "SPECT"),
                        help="the second volume's modality (default: from its name)")

@@ -225,7 +225,7 @@ def fuse_config() -> ml_collections.ConfigDict:
           batch_size=1,
           compute_dtype="float32",
           # Memory a fuse may plan for; 0 = half the machine's (an accelerator's own).
-          # Larger images are fused in tiles.
+          # Larger images are fused one UNet input at a time, or else in tiles.
           memory_budget_gb=0.0,
           overwrite=False,  # True: fuse again pairs whose output exists (else resume)
           phantom_count=6,  # phantom pairs per task fused when no input is given

@@ -4,21 +4,21 @@
 range) and returns the fused ones. Images of one size share one compiled program and
 go through in batches. Before running, the memory an image needs is estimated
 (`estimate_bytes`): activations grow with the pixel count and the attention blocks with
-its square, so a large image would exhaust the machine. Such an image is fused
-whole with its six UNet inputs one after another and the attention in query chunks
-(the same result in much less memory), or, when even that does not fit, in overlapping
-tiles (`plan_tiles`), or refused with a message when even a small tile would not fit.
+its square, so a large image would exhaust the machine. Such an image is fused whole
+with its six UNet inputs one after another and the attention in query chunks (the same
+result in much less memory), or, when even that does not fit, in overlapping tiles
+(`plan_tiles`), or refused with a message when even a small tile would not fit.
 
-Tiles stay close to the whole image's result (99.4-99.98% of the pixels within 2 grey
-levels on 512x512 phantoms, tested), because the layers that see the whole image are
-computed for the whole image: the UNet's levels
-from its first attention level down (`split_level`; a 4096x4096 image: a 256x256 map)
-run once on the map assembled from every tile's own pixels, with the attention in query
-chunks; the head's channel attention pools over the whole image; the GroupNorm layers
-of the finer levels use estimates of the whole image's statistics (a downscaled copy's,
-then measured over the pixels each tile owns); every tile shares the whole image's noise;
-the tiles are blended with linear ramps. A failure tied to one image is returned in its
-place, so a batch job can report it and carry on.
+Tiles reproduce the whole image's result because only layers with a local reach run
+tile by tile, on pixels well inside the tile (`TILE_MARGIN`). Everything that sees the
+whole image is computed for the whole image: the UNet's levels from its first attention
+level down (`split_level`; for a 4096x4096 image a 256x256 map) run once on the map
+assembled from the pixels each tile owns, with the attention in query chunks; the head
+pools its channel attention over the whole image and upsamples on the whole image's
+grid; the GroupNorm statistics are the whole image's (measured one UNet input at a time
+when that fits, else estimated: see `FusionModel._fuse_tiled`); every tile shares the
+whole image's noise draw. Tiles are blended with linear ramps. A failure tied to one
+image is returned in its place, so a batch job can report it and carry on.
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ FIXED_BYTES = 256 * 2**20
 # at a cut reaches about this far into the fine levels. A 512x512 pair in 304 px tiles
 # with 48 px: up to 3 grey levels off; with 96 px: 1.
 TILE_MARGIN = 96
-# Rounds of measuring the fine levels' GroupNorm statistics on the tiles (see
-# FusionModel._fuse_tiled). One took the pixels more than 2 grey levels off from 0.13%
-# to 0.02% on a 512x512 MRI-PET pair in 384 px tiles; more do not converge (a round
-# makes one more layer exact and disturbs the deeper ones; two were worse than one).
+# Rounds of measuring the fine levels' GroupNorm statistics on the tiles when they can
+# only be estimated (see FusionModel._fuse_tiled). On a 512x512 MRI-CT pair in 304 px
+# tiles, the pixels more than 2 grey levels off: one round 0.25%, two 0.68%, none (the
+# head then pooling per tile too) 1.04%. A round makes one more layer exact and
+# disturbs the deeper ones: rounds do not converge.
 STATISTICS_ROUNDS = 1
 # The share of the machine's memory a fuse job may plan for, when not configured.
 DEFAULT_MEMORY_FRACTION = 0.5
@@ -260,8 +261,8 @@ class FusionModel:
       return jax.vmap(per_image)(a, b, keys)
 
     def fuse_one_at_a_time(unet_params, head_params, a, b, key, query_chunk):
-      """fuse_one on (H, W, 1) sources with the UNet inputs one after another: the same
-      numbers in a sixth of the activations, the attention in query chunks."""
+      """fuse_one on (H, W, 1) sources with the UNet inputs one after another and the
+      attention in query chunks: the same numbers in about a third of the memory."""
       x_t, g = features.noisy_inputs(a[None], b[None], key, sqrt_acp_prev, timesteps)
       chunked = unet.clone(attention_query_chunk=query_chunk)
       feats = jax.lax.map(
@@ -280,10 +281,7 @@ class FusionModel:
     num_up_blocks = len(unet_lib.decoder_channels(self.config.model))
 
     def unet_variables(unet_params, stats, tiles):
-      """The UNet's variables with the whole image's statistics for each of its tiles
-      (None: each tile's own)."""
-      if stats is None:
-        return {"params": unet_params}
+      """The UNet's variables with the whole image's statistics for each of its tiles."""
       return {"params": unet_params,
               "norm_fixed": jax.tree.map(lambda a: jnp.repeat(a, tiles, axis=0), stats)}
 

@@ -14,7 +14,7 @@ CASES = {
     "bench_volume.py": (["--size", "64", "--slices", "6", "--empty", "1"],
                         {"fused_slices": 4, "skipped_empty_slices": 2}),
     # A budget below the 256 px estimate forces the tiled path.
-    "bench_large.py": (["--size", "256", "--budget-gb", "0.5"], {"size": 256}),
+    "bench_large.py": (["--size", "256", "--budget-gb", "0.4"], {"size": 256}),
 }
 
 

@@ -323,8 +323,8 @@ class UNet(nn.Module):
       "fine_down": the map entering level s; "coarse" (given that map): (the output of
       the last decoder block at level s, those decoder features in forward order);
       "fine_up" (given the image and `coarse_out`): the remaining decoder features in
-      forward order. Levels below s only ever see a local window (convolutions), so
-      they can run tile by tile; the global layers (attention) sit at level s or below.
+      forward order. The finer levels (< s) only ever see a local window (convolutions),
+      so they can run tile by tile; the global layers (attention) sit at s and coarser.
   Features are in the compute dtype. Dropout draws from the 'dropout' rng when train.
   """
   in_channel: int = MODEL_DEFAULTS["in_channel"]
