@@ -260,16 +260,22 @@ class FusionModel:
       per_image = lambda a1, b1, k: fuse_one(unet_params, head_params, a1[None], b1[None], k)[0]
       return jax.vmap(per_image)(a, b, keys)
 
+    def one_input_at_a_time(query_chunk, unet_params, x, g, keep=lambda result: result,
+                            **kwargs):
+      """`keep` of the UNet's result on inputs x (N, H, W, C) at levels g (N,), one after
+      another (lax.map), its attention in chunks of `query_chunk` queries: a sixth of the
+      activations."""
+      chunked = unet.clone(attention_query_chunk=query_chunk)
+      run = lambda args: keep(chunked.apply({"params": unet_params}, args[0][None],
+                                            args[1][None], **kwargs))
+      return jax.lax.map(lambda args: jax.tree.map(lambda r: r[0], run(args)), (x, g))
+
     def fuse_one_at_a_time(unet_params, head_params, a, b, key, query_chunk):
       """fuse_one on (H, W, 1) sources with the UNet inputs one after another and the
       attention in query chunks: the same numbers in about a third of the memory."""
       x_t, g = features.noisy_inputs(a[None], b[None], key, sqrt_acp_prev, timesteps)
-      chunked = unet.clone(attention_query_chunk=query_chunk)
-      feats = jax.lax.map(
-          lambda args: [f[0] for f in chunked.apply(
-              {"params": unet_params}, args[0][None], args[1][None],
-              decoder_feature_indices=tuple(scales))],
-          (x_t.reshape((-1,) + x_t.shape[3:]), g.reshape(-1)))
+      feats = one_input_at_a_time(query_chunk, unet_params, x_t.reshape((-1,) + x_t.shape[3:]),
+                                  g.reshape(-1), decoder_feature_indices=tuple(scales))
       feats = [f.reshape(x_t.shape[:3] + f.shape[1:]) for f in feats]
       return head.apply({"params": head_params},
                         head_lib.order_features_coarse_to_fine(feats, scales))[0]
@@ -278,7 +284,6 @@ class FusionModel:
       return features.noisy_inputs(a[None], b[None], key, sqrt_acp_prev, timesteps)
 
     self.split_level = split_at = split_level(self.config.model)
-    num_up_blocks = len(unet_lib.decoder_channels(self.config.model))
 
     def unet_variables(unet_params, stats, tiles):
       """The UNet's variables with the whole image's statistics for each of its tiles."""
@@ -309,16 +314,15 @@ class FusionModel:
       levels' crops and where the tiles lie (`origins`: (n, 2) pixels; `full_size`: the
       padded image's); with `record`, the per-pixel maps `fine_statistics` sums."""
       flat = lambda a: a.reshape((-1,) + a.shape[2:])
-      fine = unet.apply(unet_variables(unet_params, stats, x_t.shape[1]),
-                        flat(x_t), g.repeat(x_t.shape[1]), part="fine_up",
-                        split_level=split_at, coarse_out=flat(coarse_out),
-                        decoder_feature_indices=tuple(scales),
-                        mutable=["norm_maps"] if record else False)
+      feats = unet.apply(unet_variables(unet_params, stats, x_t.shape[1]),
+                         flat(x_t), g.repeat(x_t.shape[1]), part="fine_up",
+                         split_level=split_at,
+                         coarse_out=(flat(coarse_out), [flat(f) for f in coarse_features]),
+                         decoder_feature_indices=tuple(scales),
+                         mutable=["norm_maps"] if record else False)
       if record:
-        fine, unet_maps = fine
-      forward = [flat(f) for f in coarse_features] + list(fine)
+        feats, unet_maps = feats
       lead = (2, len(timesteps), x_t.shape[1])
-      feats = [forward[num_up_blocks - 1 - s] for s in scales]
       feats = head_lib.order_features_coarse_to_fine(
           [f.reshape(lead + f.shape[1:]) for f in feats], scales)
       variables = {"params": head_params}
@@ -338,26 +342,15 @@ class FusionModel:
       return out[:, 0]
 
     def norm_statistics(unet_params, x_t, g, query_chunk):
-      """GroupNorm statistics of whole noised UNet inputs (2T, H, W, 1), one after another
-      (the attention in query chunks)."""
-      chunked = unet.clone(attention_query_chunk=query_chunk)
-
-      def one(args):
-        _, state = chunked.apply({"params": unet_params}, args[0][None], args[1][None],
+      """GroupNorm statistics of whole noised UNet inputs (2T, H, W, 1)."""
+      return one_input_at_a_time(query_chunk, unet_params, x_t, g,
+                                 keep=lambda result: result[1]["norm_stats"],
                                  decoder_feature_indices=tuple(scales), mutable=["norm_stats"])
-        return state["norm_stats"]
-
-      stats = jax.lax.map(one, (x_t, g))  # leaves (2T, 1, groups)
-      return jax.tree.map(lambda a: a[:, 0], stats)
 
     def coarse(unet_params, h, g, query_chunk):
-      """The whole image's coarse levels, one UNet input after another."""
-      coarse_unet = unet.clone(attention_query_chunk=query_chunk)
-      def one(args):
-        out, feats = coarse_unet.apply({"params": unet_params}, args[0][None], args[1][None],
-                                       part="coarse", split_level=split_at)
-        return out[0], [f[0] for f in feats]
-      return jax.lax.map(one, (h, g))
+      """The whole image's coarse levels: (last output, decoder features), per input."""
+      return one_input_at_a_time(query_chunk, unet_params, h, g, part="coarse",
+                                 split_level=split_at)
 
     # Each batch is split over this process's devices (a multi-host run gives every
     # process its own share of the pairs, so no step needs another host).
@@ -417,19 +410,14 @@ class FusionModel:
         for index in indices:
           fused[index] = DataError(f"{names[index]}: {err}")
         continue
-      if plan.tile is None and plan.query_chunk is not None:
-        logging.info("%dx%d images: fusing whole, their UNet inputs one after another, to stay "
-                     "within %.1f GiB", height, width, self.budget / 2**30)
-        for index in indices:
-          fused[index] = self._guarded(names[index], self._fuse_whole_one_at_a_time,
-                                       a_images[index], b_images[index], keys[index], plan)
-        continue
-      if plan.tile is not None:
-        logging.info("%dx%d images: fusing in %d tiles of %d px (overlap %d) to stay within "
-                     "%.1f GiB", height, width, len(plan.tiles), plan.tile, plan.overlap,
+      if plan.tile is not None or plan.query_chunk is not None:  # one image at a time
+        how = (f"in {len(plan.tiles)} tiles of {plan.tile} px (overlap {plan.overlap})"
+               if plan.tile else "whole, their UNet inputs one after another,")
+        logging.info("%dx%d images: fusing %s to stay within %.1f GiB", height, width, how,
                      self.budget / 2**30)
+        fuse_one = self._fuse_tiled if plan.tile else self._fuse_whole_one_at_a_time
         for index in indices:
-          fused[index] = self._guarded(names[index], self._fuse_tiled, a_images[index],
+          fused[index] = self._guarded(names[index], fuse_one, a_images[index],
                                        b_images[index], keys[index], plan)
         continue
       fits = max(1, int((self.budget - FIXED_BYTES)

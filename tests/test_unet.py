@@ -123,11 +123,10 @@ def test_the_three_parts_compose_to_the_whole_network():
   def run(params):
     whole = model.apply({"params": params}, x, g, decoder_feature_indices=FEAT_SCALES)
     h = model.apply({"params": params}, x, g, part="fine_down", split_level=2)
-    coarse_out, coarse = model.apply({"params": params}, h, g, part="coarse", split_level=2)
-    fine = model.apply({"params": params}, x, g, part="fine_up", split_level=2,
-                       coarse_out=coarse_out, decoder_feature_indices=FEAT_SCALES)
-    forward = list(coarse) + list(fine)
-    return whole, [forward[14 - i] for i in FEAT_SCALES], h.shape, len(coarse)
+    coarse = model.apply({"params": params}, h, g, part="coarse", split_level=2)
+    parts = model.apply({"params": params}, x, g, part="fine_up", split_level=2,
+                        coarse_out=coarse, decoder_feature_indices=FEAT_SCALES)
+    return whole, parts, h.shape, len(coarse[1])
 
   whole, parts, h_shape, coarse_blocks = run(params)
   assert h_shape == (2, 8, 8, 32) and coarse_blocks == 9  # levels 2-4, 3 blocks each

@@ -322,8 +322,8 @@ class UNet(nn.Module):
       three pieces around level s, the first level computed for the whole image.
       "fine_down": the map entering level s; "coarse" (given that map): (the output of
       the last decoder block at level s, those decoder features in forward order);
-      "fine_up" (given the image and `coarse_out`): the remaining decoder features in
-      forward order. The finer levels (< s) only ever see a local window (convolutions),
+      "fine_up" (given the image and `coarse_out`, what "coarse" returned): what the
+      whole network returns. The finer levels (< s) only ever see a local window (convolutions),
       so they can run tile by tile; the global layers (attention) sit at s and coarser.
   Features are in the compute dtype. Dropout draws from the 'dropout' rng when train.
   """
@@ -350,7 +350,7 @@ class UNet(nn.Module):
                return_features: bool = False,
                decoder_feature_indices: Optional[Sequence[int]] = None,
                part: Optional[str] = None, split_level: Optional[int] = None,
-               coarse_out: Optional[jax.Array] = None):
+               coarse_out: Optional[tuple[jax.Array, Sequence[jax.Array]]] = None):
     downs, ups = self.layout()
     levels = len(self.channel_mults)
     if part is not None:
@@ -410,11 +410,11 @@ class UNet(nn.Module):
     if part == "fine_down":
       return h
 
-    block_index = 0  # forward-order index of the next decoder block
+    decoder_features = []  # forward order
     if part == "fine_up":
       skips.pop()  # the coarse part's skip
-      h = coarse_out
-      block_index = sum(layer.kind == "res" and layer.level >= split_level for layer in ups)
+      h, coarse_features = coarse_out
+      decoder_features = list(coarse_features)
     else:
       mid_width = downs[-1].features
       h = ResnetBlocWithAttn(mid_width, self.norm_groups, self.dropout, True,
@@ -423,9 +423,8 @@ class UNet(nn.Module):
       h = ResnetBlocWithAttn(mid_width, self.norm_groups, self.dropout, False,
                              dtype=self.dtype, name="mid_1")(h, temb, train)
 
-    decoder_features = []  # forward order
     for i, layer in enumerate(ups):
-      if not runs(layer, down=False) or block_index > last_needed_block:
+      if not runs(layer, down=False) or len(decoder_features) > last_needed_block:
         continue
       if layer.kind == "res":
         h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
@@ -434,14 +433,11 @@ class UNet(nn.Module):
                                attention_query_chunk=self.attention_query_chunk,
                                name=f"ups_{i}")(h, temb, train)
         decoder_features.append(h)
-        block_index += 1
       else:
         h = Upsample(layer.features, dtype=self.dtype, name=f"ups_{i}")(h)
 
     if part == "coarse":
       return h, decoder_features
-    if part == "fine_up":
-      return decoder_features
     if decoder_feature_indices is not None:
       return [decoder_features[num_up_blocks - 1 - i] for i in indices]
 
