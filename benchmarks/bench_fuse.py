@@ -2,9 +2,10 @@
 
   python benchmarks/bench_fuse.py [--presets reference,shipped] [--batches 1,2,4]
       [--dtypes float32] [--size 256] [--repeats 3] [--threads 2] [--no-torch]
-      [--end-to-end] [--end-to-end-pairs 121]
+      [--end-to-end] [--end-to-end-pairs 121] [--cpu-devices 0] [--unet-inputs-at-once 0]
 
-Prints one JSON object. Per configuration (model size, dtype, batch size, device count):
+Prints one JSON object. Per configuration (model size, dtype, batch size, device count;
+on a CPU its cores become devices as in the fuse job, `--cpu-devices`):
 compute-only pairs/s (the fuse job's compiled program on random 256x256 inputs, random
 weights, median of `--repeats`), the first call's compile time, XLA's FLOP count per
 pair and the GFLOP/s it implies, the process's peak resident memory, and the ratio of
@@ -34,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL_PRESET = {"reference": "reference", "shipped": "cpu", "tiny": "tiny"}
 
 
-def random_model(preset: str, dtype: str):
+def random_model(preset: str, dtype: str, unet_inputs_at_once: int = 0):
   """The fuse job's engine with random weights of a preset's structure."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -51,6 +52,7 @@ def random_model(preset: str, dtype: str):
   config.diffusion = defaults.diffusion_config("linear")
   config.fuse = defaults.fuse_config()
   config.fuse.compute_dtype = dtype
+  config.fuse.unet_inputs_at_once = unet_inputs_at_once
   rng = np.random.default_rng(0)
   rand = lambda tree: jax.tree.map(
       lambda s: jnp.asarray(rng.normal(0, 0.05, s.shape).astype(np.float32)), tree)
@@ -68,18 +70,35 @@ def torch_seconds_per_pair(preset: str, size: int, threads: int, repeats: int) -
   return float(json.loads(result.stdout)["seconds_per_pair"])
 
 
+def pair_flops(model, size: int) -> float:
+  """XLA's FLOP count of fusing one pair with all six UNet inputs in one call on one
+  device: the work itself (the fuse program's own count would see a loop body once, and
+  one device's share)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dmfnet_jax import features, inference  # pylint: disable=g-import-not-at-top
+  from dmfnet_jax.models import fusion_head as head_lib  # pylint: disable=g-import-not-at-top
+  from dmfnet_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  config = model.config
+  unet = unet_lib.unet_from_config(config.model)
+  head = head_lib.fusion_head_from_config(config.model, config.fusion)
+  fuse = inference.make_fuse_fn(unet, head, inference.feature_schedule(config), config.fusion)
+  a = jnp.zeros((1, size, size, 1), jnp.float32)
+  compiled = jax.jit(fuse).lower(model.unet_params, model.head_params, a, a,
+                                 jax.random.PRNGKey(0)).compile()
+  return float((compiled.cost_analysis() or {}).get("flops", float("nan")))
+
+
 def compute_only(model, batch: int, size: int, repeats: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  batch = model.batch_for(batch)
   a = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (batch, size, size, 1)), jnp.float32)
   keys = jnp.stack([jax.random.PRNGKey(i) for i in range(batch)])
   start = time.perf_counter()
-  compiled = model._fuse.lower(model.unet_params, model.head_params, a, a, keys).compile()  # pylint: disable=protected-access
-  flops = float((compiled.cost_analysis() or {}).get("flops", float("nan")))
   model(a, a, keys)
   first = time.perf_counter() - start
+  flops = batch * pair_flops(model, size)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -124,7 +143,15 @@ def main():
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--end-to-end", action="store_true")
   parser.add_argument("--end-to-end-pairs", type=int, default=121)
+  parser.add_argument("--cpu-devices", type=int, default=0,
+                      help="JAX devices made of a CPU's cores, as the fuse job does "
+                      "(0: one per core; 1: one device for all cores)")
+  parser.add_argument("--unet-inputs-at-once", type=int, default=0,
+                      help="UNet inputs a device runs at once (0: as the fuse job: one on "
+                      "a CPU, all on an accelerator)")
   args = parser.parse_args()
+  from dmfnet_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.use_cpu_cores_as_devices(args.cpu_devices)
   import jax  # pylint: disable=g-import-not-at-top
 
   torch_s = {}
@@ -134,9 +161,10 @@ def main():
   results = []
   for preset in args.presets.split(","):
     for dtype in args.dtypes.split(","):
-      model = random_model(preset, dtype)
+      model = random_model(preset, dtype, args.unet_inputs_at_once)
       for batch in (int(b) for b in args.batches.split(",")):
-        row = {"preset": preset, "dtype": dtype, "devices": len(model.devices), "size": args.size,
+        row = {"preset": preset, "dtype": dtype, "devices": len(model.devices),
+               "unet_inputs_at_once": model.unet_inputs_at_once, "size": args.size,
                **compute_only(model, batch, args.size, args.repeats)}
         if preset in torch_s:
           row["torch_seconds_per_pair"] = round(torch_s[preset], 3)

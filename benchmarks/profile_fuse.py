@@ -56,9 +56,12 @@ def _instruction_kinds(hlo: str) -> dict:
     name, opcode, rest = match.groups()
     called = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", rest)
     ops = set(opcode.split()) | {o for c in called for o in comps.get(c, [])}
-    if "convolution" in ops:
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    op_name = op_name.group(1) if op_name else ""
+    attends = re.search(r"/attn/|_attention/", op_name)
+    if "convolution" in ops or ("dot" in ops and not attends):  # 1x1 convs are dots
       kind = "convolution"
-    elif "dot" in ops or "exponential" in ops:
+    elif attends and ops & {"dot", "exponential", "divide", "reduce"}:
       kind = "attention"
     elif ops & {"reduce", "reduce-window", "rsqrt"}:
       kind = "normalization"

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
   fuse.add_argument("--memory-budget-gb", type=float, default=0.0,
                     help="memory a fuse may plan for (default: half the machine's); larger "
                     "images are fused one UNet input at a time, or in tiles")
+  fuse.add_argument("--cpu-devices", type=int, default=0,
+                    help="on a CPU, how many JAX devices to make of its cores; each fuses "
+                    "its own share (default 0: one per core, up to 8)")
   volumes = fuse.add_argument_group("volumes")
   volumes.add_argument("--modality", choices=("CT", "PET", "SPECT"),
                        help="the second volume's modality (default: from its name)")
@@ -117,6 +120,7 @@ def run_fuse(args) -> dict:
     volume, image = (mri, other) if mri_is_volume else (other, mri)
     raise DataError(f"{volume} is a volume but {image} is not: give two volumes, two images "
                     "or two folders of images")
+  runtime.use_cpu_cores_as_devices(args.cpu_devices)
   runtime.enable_compilation_cache()
   fuser = api.load(args.checkpoint, batch_size=args.batch_size, compute_dtype=args.dtype,
                    seed=args.seed, memory_budget_gb=args.memory_budget_gb)

@@ -224,6 +224,12 @@ def fuse_config() -> ml_collections.ConfigDict:
           # (docs/performance.md), raise it on an accelerator.
           batch_size=1,
           compute_dtype="float32",
+          # UNet inputs (six per pair) a device runs at once; 0 = automatic: one on a CPU
+          # (faster there: docs/performance.md), all on an accelerator. Same numbers.
+          unet_inputs_at_once=0,
+          # The fuse job on a CPU: how many JAX devices to make of its cores, each fusing
+          # its own share; 0 = one per core (at most 8), 1 = one device for all cores.
+          cpu_devices=0,
           # Memory a fuse may plan for; 0 = half the machine's (an accelerator's own).
           # Larger images are fused one UNet input at a time, or else in tiles.
           memory_budget_gb=0.0,

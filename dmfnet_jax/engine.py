@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 
 from dmfnet_jax import config_defaults, diffusion, features, models, validation
-from dmfnet_jax.errors import DataError, DmfnetError
+from dmfnet_jax.errors import ConfigError, DataError, DmfnetError
 from dmfnet_jax.models import fusion_head as head_lib
 from dmfnet_jax.models import unet as unet_lib
 
@@ -58,6 +58,8 @@ TILE_MARGIN = 96
 # head then pooling per tile too) 1.04%. A round makes one more layer exact and
 # disturbs the deeper ones: rounds do not converge.
 STATISTICS_ROUNDS = 1
+# `unet_inputs_at_once` on an accelerator: every input of a device's share at once.
+UNLIMITED_INPUTS = 1 << 30
 # The share of the machine's memory a fuse job may plan for, when not configured.
 DEFAULT_MEMORY_FRACTION = 0.5
 
@@ -125,6 +127,18 @@ def estimate_one_at_a_time_bytes(model_cfg, fusion_cfg, height: int, width: int,
                        for s in fusion_cfg.feat_scales)
   features_bytes = 4 * feature_pixels * 2 * len(fusion_cfg.timesteps)
   return int(one_input + 1.5 * features_bytes + FIXED_BYTES)
+
+
+def unet_inputs_at_once(fuse_cfg, platform: str) -> int:
+  """How many UNet inputs a device runs at once (`fuse.unet_inputs_at_once`; 0 = auto:
+  one on a CPU, whose caches then hold a layer's activations, and all on an
+  accelerator, which needs the parallel work). Same numbers either way."""
+  configured = int(config_defaults.get_setting(fuse_cfg, "unet_inputs_at_once", 0) or 0)
+  if configured < 0:
+    raise ConfigError(f"fuse.unet_inputs_at_once must be >= 0 (0 = automatic), got {configured}")
+  if configured:
+    return configured
+  return 1 if platform == "cpu" else UNLIMITED_INPUTS
 
 
 def split_level(model_cfg) -> int:
@@ -249,16 +263,66 @@ class FusionModel:
     unet = unet_lib.unet_from_config(self.config.model, dtype=dtype)
     head = head_lib.fusion_head_from_config(self.config.model, self.config.fusion, dtype=dtype)
     sqrt_acp_prev = inference.feature_schedule(self.config)
-    fuse_one = inference.make_fuse_fn(unet, head, sqrt_acp_prev, self.config.fusion)
     timesteps = tuple(int(t) for t in self.config.fusion.timesteps)
     scales = [int(s) for s in self.config.fusion.feat_scales]
     self.num_levels = len(self.config.model.channel_mults)
     self.budget = memory_budget_bytes(self.config.fuse)
 
-    def fuse_batch(unet_params, head_params, a, b, keys):
-      # One key per image: the result of a pair does not depend on its batch mates.
-      per_image = lambda a1, b1, k: fuse_one(unet_params, head_params, a1[None], b1[None], k)[0]
-      return jax.vmap(per_image)(a, b, keys)
+    self.devices = jax.local_devices()
+    mesh = jax.sharding.Mesh(np.asarray(self.devices), ("data",))
+    self.unet_inputs_at_once = unet_inputs_at_once(self.config.fuse, self.devices[0].platform)
+
+    def unet_features(unet_params, x, g, at_once, query_chunk):
+      """The decoder features the head reads, of UNet inputs x (N, H, W, 1) at levels g
+      (N,): the inputs split over this process's devices (the last one repeated to fill
+      the shares), each device running `at_once` of its share at a time (lax.map) and
+      the attention in chunks of `query_chunk` queries (None: all)."""
+      count, total = len(self.devices), x.shape[0]
+      padded = -(-total // count) * count
+      if padded != total:
+        x = jnp.concatenate([x, jnp.repeat(x[-1:], padded - total, axis=0)])
+        g = jnp.concatenate([g, jnp.repeat(g[-1:], padded - total, axis=0)])
+      model = unet if query_chunk is None else unet.clone(attention_query_chunk=query_chunk)
+      run = lambda xs, gs: model.apply({"params": unet_params}, xs, gs,
+                                       decoder_feature_indices=tuple(scales))
+
+      def share(x, g):
+        if at_once >= x.shape[0]:
+          return run(x, g)
+        one = lambda args: [f[0] for f in run(args[0][None], args[1][None])]
+        return jax.lax.map(one, (x, g), batch_size=None if at_once == 1 else at_once)
+
+      spec = jax.sharding.PartitionSpec("data")
+      feats = jax.shard_map(share, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
+                            check_vma=False)(x, g)
+      return [f[:total] for f in feats]
+
+    def fuse_batch(unet_params, head_params, a, b, keys, at_once=None, query_chunk=None):
+      """Fused (B, H, W, 1) of sources (B, H, W, 1), one noise key per pair: a result does
+      not depend on its batch mates or on how the UNet inputs are split and sequenced."""
+      pairs, steps = a.shape[0], len(timesteps)
+      at_once = at_once or self.unet_inputs_at_once
+      x_t, g = jax.vmap(lambda a1, b1, k: features.noisy_inputs(
+          a1[None], b1[None], k, sqrt_acp_prev, timesteps))(a, b, keys)
+      feats = unet_features(unet_params, x_t.reshape((-1,) + x_t.shape[4:]), g.reshape(-1),
+                            at_once, query_chunk)
+      feats = [f.reshape((pairs, 2, steps) + f.shape[1:]) for f in feats]
+
+      def heads(*feats):
+        """The head on pairs [pair, source, timestep, ...]: all at once, or one pair after
+        another where the UNet inputs go one at a time (then a pair's result is the same
+        program's whatever its batch)."""
+        run = lambda fs: head.apply({"params": head_params}, head_lib.order_features_coarse_to_fine(
+            [jnp.moveaxis(f, 0, 2) for f in fs], scales))
+        if at_once >= UNLIMITED_INPUTS:
+          return run(feats)
+        return jax.lax.map(lambda fs: run([f[None] for f in fs])[0], feats)
+
+      if pairs % len(self.devices):  # too few pairs to share out: every device runs them all
+        return heads(*feats)
+      spec = jax.sharding.PartitionSpec("data")
+      return jax.shard_map(heads, mesh=mesh, in_specs=spec, out_specs=spec,
+                           check_vma=False)(*feats)
 
     def one_input_at_a_time(query_chunk, unet_params, x, g, keep=lambda result: result,
                             **kwargs):
@@ -271,16 +335,12 @@ class FusionModel:
       return jax.lax.map(lambda args: jax.tree.map(lambda r: r[0], run(args)), (x, g))
 
     def fuse_one_at_a_time(unet_params, head_params, a, b, key, query_chunk):
-      """fuse_one on (H, W, 1) sources with the UNet inputs one after another and the
+      """fuse_batch of one (H, W, 1) pair with the UNet inputs one after another and the
       attention in query chunks: the same numbers in about a third of the memory."""
-      x_t, g = features.noisy_inputs(a[None], b[None], key, sqrt_acp_prev, timesteps)
-      feats = one_input_at_a_time(query_chunk, unet_params, x_t.reshape((-1,) + x_t.shape[3:]),
-                                  g.reshape(-1), decoder_feature_indices=tuple(scales))
-      feats = [f.reshape(x_t.shape[:3] + f.shape[1:]) for f in feats]
-      return head.apply({"params": head_params},
-                        head_lib.order_features_coarse_to_fine(feats, scales))[0]
+      return fuse_batch(unet_params, head_params, a[None], b[None], key[None], at_once=1,
+                        query_chunk=query_chunk)[0]
 
-    def noisy(a, b, key):  # the whole image's noise draw, as fuse_one makes it
+    def noisy(a, b, key):  # the whole image's noise draw, as fuse_batch makes it
       return features.noisy_inputs(a[None], b[None], key, sqrt_acp_prev, timesteps)
 
     self.split_level = split_at = split_level(self.config.model)
@@ -352,14 +412,9 @@ class FusionModel:
       return one_input_at_a_time(query_chunk, unet_params, h, g, part="coarse",
                                  split_level=split_at)
 
-    # Each batch is split over this process's devices (a multi-host run gives every
-    # process its own share of the pairs, so no step needs another host).
-    self.devices = jax.local_devices()
-    mesh = jax.sharding.Mesh(np.asarray(self.devices), ("data",))
-    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self._fuse = jax.jit(fuse_batch, in_shardings=(whole, whole, split, split, split),
-                         out_shardings=split)
+    # The UNet inputs of each batch are split over this process's devices (a multi-host
+    # run gives every process its own share of the pairs, so no step needs another host).
+    self._fuse = jax.jit(fuse_batch, static_argnames=("at_once", "query_chunk"))
     self._noisy = jax.jit(noisy)
     self._fuse_one_at_a_time = jax.jit(fuse_one_at_a_time, static_argnums=5)
     self._fine_down = jax.jit(fine_down)
@@ -369,12 +424,12 @@ class FusionModel:
     self._norm_statistics = jax.jit(norm_statistics, static_argnums=3)
 
   def __call__(self, a: np.ndarray, b: np.ndarray, keys: jax.Array) -> np.ndarray:
-    """Fused (B, H, W, 1) in [-1, 1] of sources (B, H, W, 1) whose size the networks take;
-    B must be a multiple of the local device count (see `batch_for`)."""
+    """Fused (B, H, W, 1) in [-1, 1] of sources (B, H, W, 1) whose size the networks take."""
     return np.asarray(self._fuse(self.unet_params, self.head_params, a, b, keys))
 
   def batch_for(self, size: int) -> int:
-    """`size` rounded up to a multiple of the local devices, which share each batch."""
+    """`size` rounded up to a multiple of the local devices: each fuses pairs of its own
+    (any batch runs: its UNet inputs are split over the devices, the head on each)."""
     count = len(self.devices)
     return -(-max(size, 1) // count) * count
 
@@ -423,7 +478,8 @@ class FusionModel:
       fits = max(1, int((self.budget - FIXED_BYTES)
                         // max(estimate_bytes(self.config.model, self.config.fusion, plan.height,
                                               plan.width) - FIXED_BYTES, 1)))
-      size = self.batch_for(min(batch_size, fits))  # every local device gets a share
+      # Every local device gets pairs of its own when there are enough of them.
+      size = min(self.batch_for(min(batch_size, fits)), len(indices), fits)
       for start in range(0, len(indices), size):
         chunk = indices[start:start + size]
         try:

@@ -63,6 +63,8 @@ def main(argv) -> None:
     if job not in JOBS:
       raise DmfnetError(f"config.job={job!r}: unknown job; valid: {sorted(JOBS)}")
     validation.validate(config)
+    if job == "fuse":  # before JAX starts: a CPU's cores become devices of their own
+      runtime.use_cpu_cores_as_devices(config.fuse.get("cpu_devices", 0))
     distributed.maybe_initialize(config.get("distributed"))
     runtime.enable_compilation_cache()
     runtime.log_devices()

@@ -170,6 +170,12 @@ def validate_fuse(cfg) -> None:
   _need(f".{fmt}" in config_defaults.IMAGE_EXTENSIONS, "fuse.output_format", cfg.output_format,
         f"use one of {formats}")
   validate_compute_dtype(cfg.get("compute_dtype", "float32"), "fuse.compute_dtype")
+  at_once = cfg.get("unet_inputs_at_once", 0)
+  _need(isinstance(at_once, int) and at_once >= 0, "fuse.unet_inputs_at_once", at_once,
+        "must be an integer >= 0 (0 = automatic)")
+  cpu_devices = cfg.get("cpu_devices", 0)
+  _need(isinstance(cpu_devices, int) and cpu_devices >= 0, "fuse.cpu_devices", cpu_devices,
+        "must be an integer >= 0 (0 = one per core)")
 
 
 def is_resolved(group) -> bool:

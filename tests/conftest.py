@@ -19,6 +19,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from dmfnet_jax import paths  # noqa: E402
 
+# Start JAX's backend now: jobs run in this process (the fuse job, the command line)
+# then keep one CPU device instead of making one per core (runtime.use_cpu_cores_as_devices);
+# tests of other device counts run in processes of their own.
+jax.devices()
+
 
 def _require(path: pathlib.Path, what: str) -> pathlib.Path:
   if not path.exists():

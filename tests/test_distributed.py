@@ -140,7 +140,7 @@ def free_port() -> int:
 
 
 def child_env() -> dict:
-  """CPU, the tests' compilation cache, and one device per process."""
+  """CPU, the tests' compilation cache, no device count forced by the parent."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              DMFNET_JAX_CACHE=os.environ.get("DMFNET_JAX_CACHE", str(REPO_ROOT / ".jax_cache")))
   env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S+", "",

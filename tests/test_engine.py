@@ -21,15 +21,20 @@ def micro_model(micro_stage2_workdir):
 
 @pytest.mark.parametrize("size", [64, 128])
 def test_estimate_bounds_what_xla_allocates(micro_model, size):
-  """The estimate is a safe upper bound of the compiled program's own memory analysis."""
+  """The estimate is a safe upper bound of the compiled program's own memory analysis,
+  close to it for the six UNet inputs at once (an accelerator's way), above it for one
+  at a time (a CPU's)."""
   a = jnp.zeros((1, size, size, 1))
   keys = jnp.stack([jax.random.PRNGKey(0)])
-  compiled = micro_model._fuse.lower(micro_model.unet_params, micro_model.head_params,  # pylint: disable=protected-access
-                                     a, a, keys).compile()
-  analysis = compiled.memory_analysis()
-  actual = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
   estimate = engine.estimate_bytes(micro_model.config.model, micro_model.config.fusion, size, size)
-  assert actual <= estimate <= 4 * actual + engine.FIXED_BYTES
+  for at_once in (engine.UNLIMITED_INPUTS, None):
+    compiled = micro_model._fuse.lower(micro_model.unet_params, micro_model.head_params,  # pylint: disable=protected-access
+                                       a, a, keys, at_once=at_once).compile()
+    analysis = compiled.memory_analysis()
+    actual = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+    assert actual <= estimate
+    if at_once:
+      assert estimate <= 4 * actual + engine.FIXED_BYTES
 
 
 @pytest.mark.parametrize("size", [64, 128])
@@ -56,6 +61,23 @@ def test_one_at_a_time_is_the_batched_result(micro_model):
     alone = micro_model._fuse_whole_one_at_a_time(a, b, key, plan)  # pylint: disable=protected-access
     assert alone.shape == (48, 40)
     np.testing.assert_allclose(alone, batched, atol=1e-5)
+
+
+@pytest.mark.parametrize("at_once", [2, engine.UNLIMITED_INPUTS])
+def test_unet_inputs_at_once_leave_the_numbers(micro_model, at_once):
+  """A CPU runs one UNet input at a time (its caches then hold a layer); any grouping
+  gives the same fused images."""
+  assert micro_model.unet_inputs_at_once == 1
+  rng = np.random.default_rng(1)
+  a, b = (jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 1)), jnp.float32) for _ in range(2))
+  keys = jnp.stack([jax.random.PRNGKey(5), jax.random.PRNGKey(6)])
+  params = (micro_model.unet_params, micro_model.head_params)
+  one = micro_model._fuse(*params, a, b, keys)  # pylint: disable=protected-access
+  grouped = micro_model._fuse(*params, a, b, keys, at_once=at_once)  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.asarray(grouped), np.asarray(one), atol=1e-5)
+  # A pair's result does not depend on its batch mates.
+  alone = micro_model._fuse(*params, a[1:], b[1:], keys[1:])  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.asarray(alone)[0], np.asarray(one)[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("preset, one_at_a_time, tiled", [("cpu", 2048, 4096),

@@ -337,7 +337,9 @@ def test_unusual_and_broken_inputs(micro_stage2_workdir, tmp_path):
   assert imageio.read_image(tmp_path / "out" / "strip.png").shape == (7, 300)
   assert imageio.read_image(tmp_path / "out" / "rgba.png").shape == (48, 48, 3)
   for key, value, message in (("batch_size", 0, "fuse.batch_size"),
-                              ("output_format", "gif", "fuse.output_format")):
+                              ("output_format", "gif", "fuse.output_format"),
+                              ("unet_inputs_at_once", -1, "fuse.unet_inputs_at_once"),
+                              ("cpu_devices", -2, "fuse.cpu_devices")):
     config = fuse_config(micro_stage2_workdir)
     config.fuse[key] = value
     with pytest.raises(DmfnetError, match=message):

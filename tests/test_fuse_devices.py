@@ -1,5 +1,6 @@
-"""Fusion on every device and every host: each batch split over 8 simulated CPU devices,
-and the fuse job run as 2 processes on localhost, against one device and one process.
+"""Fusion on every device and every host: each batch's UNet inputs split over 8 simulated
+CPU devices, and the fuse job run as 2 processes on localhost, against one device and one
+process.
 
 A different device count may change the order of floating-point sums, nothing more:
 the fused float images agree within 1e-5 and the written images within one grey level.
@@ -22,10 +23,10 @@ from test_distributed import child_env, free_port
 PROBE = REPO_ROOT / "tests" / "fuse_probe.py"
 
 
-def _run_worker(checkpoint, out, devices):
+def _run_worker(checkpoint, out, devices, pairs=8):
   env = child_env()
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-  result = subprocess.run([sys.executable, str(PROBE), str(checkpoint), str(out), "8", "40"],
+  result = subprocess.run([sys.executable, str(PROBE), str(checkpoint), str(out), str(pairs), "40"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -37,6 +38,11 @@ def test_eight_devices_fuse_as_one(micro_stage2_workdir, tmp_path):
   assert _run_worker(micro_stage2_workdir, one, 1)["devices"] == 1
   assert _run_worker(micro_stage2_workdir, eight, 8)["devices"] == 8
   np.testing.assert_allclose(np.load(eight), np.load(one), atol=1e-5)
+  # Fewer pairs than devices: their 18 UNet inputs are spread over the 8 devices (padded
+  # to 24) and every device runs the head on all three pairs.
+  three = tmp_path / "three.npy"
+  assert _run_worker(micro_stage2_workdir, three, 8, pairs=3)["devices"] == 8
+  np.testing.assert_allclose(np.load(three), np.load(one)[:3], atol=1e-5)
 
 
 @pytest.mark.slow

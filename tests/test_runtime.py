@@ -2,11 +2,13 @@
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
 from dmfnet_jax import runtime
-from dmfnet_jax.errors import DataError
+from dmfnet_jax.errors import DataError, DmfnetError
 
 
 @pytest.fixture
@@ -67,3 +69,31 @@ def test_stale_temporaries_are_removed(tmp_path):
   (tmp_path / "keep.png").write_bytes(b"x")
   assert runtime.remove_stale_temporaries(tmp_path) == 1
   assert [p.name for p in tmp_path.iterdir()] == ["keep.png"]
+
+
+def _devices_after(code: str, **env) -> list:
+  from test_distributed import child_env  # pylint: disable=g-import-not-at-top
+  environment = {**child_env(), **env}
+  result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return [int(v) for v in result.stdout.split()]
+
+
+@pytest.mark.parametrize("asked, made", [(3, 3), (0, min(runtime.usable_cores(),
+                                                          runtime.MAX_AUTOMATIC_CPU_DEVICES))])
+def test_cpu_cores_become_devices_before_jax_starts(asked, made):
+  code = ("from dmfnet_jax import runtime; import jax\n"
+          f"print(runtime.use_cpu_cores_as_devices({asked}), jax.device_count())")
+  assert _devices_after(code) == [made, made]
+
+
+def test_a_started_jax_or_the_users_choice_keeps_its_devices():
+  started = ("from dmfnet_jax import runtime; import jax; jax.devices()\n"
+             "print(runtime.use_cpu_cores_as_devices(3), jax.device_count())")
+  assert _devices_after(started) == [0, 1]
+  chosen = ("from dmfnet_jax import runtime; import jax\n"
+            "print(runtime.use_cpu_cores_as_devices(3), jax.device_count())")
+  assert _devices_after(chosen, XLA_FLAGS="--xla_force_host_platform_device_count=2") == [0, 2]
+  with pytest.raises(DmfnetError, match="cpu devices"):
+    runtime.use_cpu_cores_as_devices(-1)

@@ -31,7 +31,7 @@ import numpy as np
 
 from dmfnet_jax.config_defaults import DEFAULT_FEAT_SCALES, DEFAULT_TIMESTEPS, get_setting
 from dmfnet_jax.errors import ConfigError
-from dmfnet_jax.models.unet import decoder_channels
+from dmfnet_jax.models.unet import PointwiseConv, decoder_channels
 
 _KERNEL_INIT = nn.initializers.orthogonal(scale=1.0)
 _BIAS_INIT = nn.initializers.zeros_init()
@@ -110,6 +110,9 @@ class _Conv(nn.Module):
   @nn.compact
   def __call__(self, x):
     pad = self.kernel // 2
+    if self.kernel == 1 and self.groups == 1:
+      return PointwiseConv(self.features, dtype=self.dtype, kernel_init=_KERNEL_INIT,
+                           bias_init=_BIAS_INIT, name="conv")(x)
     if self.reflect and pad:
       x = _reflect_pad(x, pad)
       padding = "VALID"
