@@ -2,7 +2,9 @@
 
 `FusionModel.fuse_images` takes source images of any size (in the networks' [-1, 1]
 range) and returns the fused ones. Images of one size share one compiled program and
-go through in batches. Before running, the memory an image needs is estimated
+go through in batches: a batch's UNet inputs (six per pair) are split over the local
+devices, each device running one at a time on a CPU (`unet_inputs_at_once`), and each
+device runs the head on its own pairs. Before running, the memory an image needs is estimated
 (`estimate_bytes`): activations grow with the pixel count and the attention blocks with
 its square, so a large image would exhaust the machine. Such an image is fused whole
 with its six UNet inputs one after another and the attention in query chunks (the same
