@@ -274,12 +274,12 @@ class FusionModel:
     mesh = jax.sharding.Mesh(np.asarray(self.devices), ("data",))
     self.unet_inputs_at_once = unet_inputs_at_once(self.config.fuse, self.devices[0].platform)
 
-    def unet_features(unet_params, x, g, at_once, query_chunk):
+    def unet_features(unet_params, x, g, at_once, query_chunk, split):
       """The decoder features the head reads, of UNet inputs x (N, H, W, 1) at levels g
-      (N,): the inputs split over this process's devices (the last one repeated to fill
-      the shares), each device running `at_once` of its share at a time (lax.map) and
-      the attention in chunks of `query_chunk` queries (None: all)."""
-      count, total = len(self.devices), x.shape[0]
+      (N,): the inputs split over this process's devices if `split` (the last one
+      repeated to fill the shares), each device running `at_once` of its share at a time
+      (lax.map) and the attention in chunks of `query_chunk` queries (None: all)."""
+      count, total = len(self.devices) if split else 1, x.shape[0]
       padded = -(-total // count) * count
       if padded != total:
         x = jnp.concatenate([x, jnp.repeat(x[-1:], padded - total, axis=0)])
@@ -294,20 +294,25 @@ class FusionModel:
         one = lambda args: [f[0] for f in run(args[0][None], args[1][None])]
         return jax.lax.map(one, (x, g), batch_size=None if at_once == 1 else at_once)
 
+      if not split:
+        return share(x, g)
       spec = jax.sharding.PartitionSpec("data")
       feats = jax.shard_map(share, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
                             check_vma=False)(x, g)
       return [f[:total] for f in feats]
 
-    def fuse_batch(unet_params, head_params, a, b, keys, at_once=None, query_chunk=None):
+    def fuse_batch(unet_params, head_params, a, b, keys, at_once=None, query_chunk=None,
+                   split=True):
       """Fused (B, H, W, 1) of sources (B, H, W, 1), one noise key per pair: a result does
-      not depend on its batch mates or on how the UNet inputs are split and sequenced."""
+      not depend on its batch mates or on how the UNet inputs are split and sequenced.
+      `split=False` keeps everything on one device (images too large for one input per
+      device)."""
       pairs, steps = a.shape[0], len(timesteps)
       at_once = at_once or self.unet_inputs_at_once
       x_t, g = jax.vmap(lambda a1, b1, k: features.noisy_inputs(
           a1[None], b1[None], k, sqrt_acp_prev, timesteps))(a, b, keys)
       feats = unet_features(unet_params, x_t.reshape((-1,) + x_t.shape[4:]), g.reshape(-1),
-                            at_once, query_chunk)
+                            at_once, query_chunk, split)
       feats = [f.reshape((pairs, 2, steps) + f.shape[1:]) for f in feats]
 
       def heads(*feats):
@@ -320,7 +325,7 @@ class FusionModel:
           return run(feats)
         return jax.lax.map(lambda fs: run([f[None] for f in fs])[0], feats)
 
-      if pairs % len(self.devices):  # too few pairs to share out: every device runs them all
+      if not split or pairs % len(self.devices):  # else too few to share out: each runs all
         return heads(*feats)
       spec = jax.sharding.PartitionSpec("data")
       return jax.shard_map(heads, mesh=mesh, in_specs=spec, out_specs=spec,
@@ -337,10 +342,11 @@ class FusionModel:
       return jax.lax.map(lambda args: jax.tree.map(lambda r: r[0], run(args)), (x, g))
 
     def fuse_one_at_a_time(unet_params, head_params, a, b, key, query_chunk):
-      """fuse_batch of one (H, W, 1) pair with the UNet inputs one after another and the
-      attention in query chunks: the same numbers in about a third of the memory."""
+      """fuse_batch of one (H, W, 1) pair on one device, with the UNet inputs one after
+      another and the attention in query chunks: the same numbers in about a third of
+      the memory (on a CPU, devices share the memory: one input runs at a time)."""
       return fuse_batch(unet_params, head_params, a[None], b[None], key[None], at_once=1,
-                        query_chunk=query_chunk)[0]
+                        query_chunk=query_chunk, split=False)[0]
 
     def noisy(a, b, key):  # the whole image's noise draw, as fuse_batch makes it
       return features.noisy_inputs(a[None], b[None], key, sqrt_acp_prev, timesteps)
@@ -416,7 +422,7 @@ class FusionModel:
 
     # The UNet inputs of each batch are split over this process's devices (a multi-host
     # run gives every process its own share of the pairs, so no step needs another host).
-    self._fuse = jax.jit(fuse_batch, static_argnames=("at_once", "query_chunk"))
+    self._fuse = jax.jit(fuse_batch, static_argnames=("at_once", "query_chunk", "split"))
     self._noisy = jax.jit(noisy)
     self._fuse_one_at_a_time = jax.jit(fuse_one_at_a_time, static_argnums=5)
     self._fine_down = jax.jit(fine_down)

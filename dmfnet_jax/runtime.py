@@ -215,7 +215,8 @@ def use_cpu_cores_as_devices(count: int = 0) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   if count < 0:
-    raise DmfnetError(f"cpu devices must be >= 0 (0 = one per core), got {count}")
+    raise DmfnetError(f"fuse.cpu_devices (--cpu-devices) must be >= 0 (0 = one per core), "
+                      f"got {count}")
   chosen = ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
             or "JAX_NUM_CPU_DEVICES" in os.environ)
   if chosen or xla_bridge.backends_are_initialized():

@@ -95,5 +95,5 @@ def test_a_started_jax_or_the_users_choice_keeps_its_devices():
   chosen = ("from dmfnet_jax import runtime; import jax\n"
             "print(runtime.use_cpu_cores_as_devices(3), jax.device_count())")
   assert _devices_after(chosen, XLA_FLAGS="--xla_force_host_platform_device_count=2") == [0, 2]
-  with pytest.raises(DmfnetError, match="cpu devices"):
+  with pytest.raises(DmfnetError, match="fuse.cpu_devices"):
     runtime.use_cpu_cores_as_devices(-1)
