@@ -274,6 +274,16 @@ class FusionModel:
     mesh = jax.sharding.Mesh(np.asarray(self.devices), ("data",))
     self.unet_inputs_at_once = unet_inputs_at_once(self.config.fuse, self.devices[0].platform)
 
+    def one_input_at_a_time(query_chunk, unet_params, x, g, keep=lambda result: result,
+                            **kwargs):
+      """`keep` of the UNet's result on inputs x (N, H, W, C) at levels g (N,), one after
+      another (lax.map), its attention in chunks of `query_chunk` queries: a sixth of the
+      activations."""
+      chunked = unet.clone(attention_query_chunk=query_chunk)
+      run = lambda args: keep(chunked.apply({"params": unet_params}, args[0][None],
+                                            args[1][None], **kwargs))
+      return jax.lax.map(lambda args: jax.tree.map(lambda r: r[0], run(args)), (x, g))
+
     def unet_features(unet_params, x, g, at_once, query_chunk, split):
       """The decoder features the head reads, of UNet inputs x (N, H, W, 1) at levels g
       (N,): the inputs split over this process's devices if `split` (the last one
@@ -284,15 +294,18 @@ class FusionModel:
       if padded != total:
         x = jnp.concatenate([x, jnp.repeat(x[-1:], padded - total, axis=0)])
         g = jnp.concatenate([g, jnp.repeat(g[-1:], padded - total, axis=0)])
-      model = unet if query_chunk is None else unet.clone(attention_query_chunk=query_chunk)
+      model = unet.clone(attention_query_chunk=query_chunk)
       run = lambda xs, gs: model.apply({"params": unet_params}, xs, gs,
                                        decoder_feature_indices=tuple(scales))
 
       def share(x, g):
         if at_once >= x.shape[0]:
           return run(x, g)
+        if at_once == 1:
+          return one_input_at_a_time(query_chunk, unet_params, x, g,
+                                     decoder_feature_indices=tuple(scales))
         one = lambda args: [f[0] for f in run(args[0][None], args[1][None])]
-        return jax.lax.map(one, (x, g), batch_size=None if at_once == 1 else at_once)
+        return jax.lax.map(one, (x, g), batch_size=at_once)
 
       if not split:
         return share(x, g)
@@ -330,16 +343,6 @@ class FusionModel:
       spec = jax.sharding.PartitionSpec("data")
       return jax.shard_map(heads, mesh=mesh, in_specs=spec, out_specs=spec,
                            check_vma=False)(*feats)
-
-    def one_input_at_a_time(query_chunk, unet_params, x, g, keep=lambda result: result,
-                            **kwargs):
-      """`keep` of the UNet's result on inputs x (N, H, W, C) at levels g (N,), one after
-      another (lax.map), its attention in chunks of `query_chunk` queries: a sixth of the
-      activations."""
-      chunked = unet.clone(attention_query_chunk=query_chunk)
-      run = lambda args: keep(chunked.apply({"params": unet_params}, args[0][None],
-                                            args[1][None], **kwargs))
-      return jax.lax.map(lambda args: jax.tree.map(lambda r: r[0], run(args)), (x, g))
 
     def fuse_one_at_a_time(unet_params, head_params, a, b, key, query_chunk):
       """fuse_batch of one (H, W, 1) pair on one device, with the UNet inputs one after
